@@ -1,0 +1,329 @@
+"""Hugging Face checkpoint import and export (``config.json`` + safetensors, single or sharded).
+
+One declarative table per family maps HF tensor names to our module paths (with a transpose for
+linear weights: torch stores ``[out, in]``, our kernels are ``[in, out]``). The same table drives
+loading and saving, so the two directions cannot drift apart.
+
+Loading streams the checkpoint one tensor at a time: each tensor is read, cast on the host and placed
+straight into its sharding, so the host never holds more than one tensor beyond the params.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from sgalm_jax.errors import CheckpointError
+from sgalm_jax.models.config import ModelConfig, dtype_name, resolve_dtype
+from sgalm_jax.models.transformer import CausalLM
+
+log = logging.getLogger(__name__)
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+# Buffers some older checkpoints contain that carry no parameters.
+_IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """HF tensor ``hf`` <-> our param ``ours`` ('{i}' = layer index), present when ``when(config)``."""
+
+    hf: str
+    ours: str
+    transpose: bool = False
+    when: Callable[[ModelConfig], bool] = lambda c: True
+
+
+def _linear(hf_module: str, our_module: str, bias: Callable[[ModelConfig], bool] | None = None):
+    rules = [Rule(f"{hf_module}.weight", f"{our_module}.kernel", transpose=True)]
+    if bias is not None:
+        rules.append(Rule(f"{hf_module}.bias", f"{our_module}.bias", when=bias))
+    return rules
+
+
+def _decoder_rules(qkv_bias, o_bias, mlp_bias, qk_norm: bool) -> tuple[Rule, ...]:
+    layer = "model.layers.{i}"
+    rules = [
+        Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
+        Rule("model.norm.weight", "model.norm.weight"),
+        Rule("lm_head.weight", "lm_head.kernel", transpose=True,
+             when=lambda c: not c.tie_word_embeddings),
+        Rule(f"{layer}.input_layernorm.weight", f"{layer}.input_layernorm.weight"),
+        Rule(f"{layer}.post_attention_layernorm.weight", f"{layer}.post_attention_layernorm.weight"),
+    ]
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        rules += _linear(f"{layer}.self_attn.{proj}", f"{layer}.self_attn.{proj}", qkv_bias)
+    rules += _linear(f"{layer}.self_attn.o_proj", f"{layer}.self_attn.o_proj", o_bias)
+    if qk_norm:
+        rules += [Rule(f"{layer}.self_attn.q_norm.weight", f"{layer}.self_attn.q_norm.weight"),
+                  Rule(f"{layer}.self_attn.k_norm.weight", f"{layer}.self_attn.k_norm.weight")]
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        rules += _linear(f"{layer}.mlp.{proj}", f"{layer}.mlp.{proj}", mlp_bias)
+    return tuple(rules)
+
+
+def _attention_bias(c: ModelConfig) -> bool:
+    return c.attention_bias
+
+
+def _o_bias(c: ModelConfig) -> bool:
+    return c.o_proj_bias
+
+
+def _mlp_bias(c: ModelConfig) -> bool:
+    return c.mlp_bias
+
+
+# One table per family. Qwen2 always has q/k/v bias; Llama and Qwen3 have them only with
+# attention_bias (which also adds the o_proj bias); Qwen3 adds per-head q/k norms.
+FAMILY_TABLES: dict[str, tuple[Rule, ...]] = {
+    "qwen2": _decoder_rules(qkv_bias=_attention_bias, o_bias=None, mlp_bias=None, qk_norm=False),
+    "qwen3": _decoder_rules(qkv_bias=_attention_bias, o_bias=_o_bias, mlp_bias=None, qk_norm=True),
+    "llama": _decoder_rules(qkv_bias=_attention_bias, o_bias=_o_bias, mlp_bias=_mlp_bias,
+                            qk_norm=False),
+}
+
+
+def expand_table(config: ModelConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
+    """HF tensor name -> (our state path, transpose) for every tensor this config has."""
+    out: dict[str, tuple[tuple[Any, ...], bool]] = {}
+    for rule in FAMILY_TABLES[config.model_type]:
+        if not rule.when(config):
+            continue
+        layers = range(config.num_hidden_layers) if "{i}" in rule.hf else [None]
+        for i in layers:
+            hf = rule.hf.format(i=i)
+            path = tuple(int(p) if p.isdigit() else p for p in rule.ours.format(i=i).split("."))
+            out[hf] = (path, rule.transpose)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- loading
+def _tensor_files(path: str) -> dict[str, str]:
+    """HF tensor name -> safetensors file, from the index of a sharded checkpoint or a single file."""
+    index_path = os.path.join(path, SAFE_INDEX)
+    if os.path.exists(index_path):
+        try:
+            with open(index_path) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+        files = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
+        for fname in sorted(set(files.values())):
+            if not os.path.exists(fname):
+                raise CheckpointError(f"{index_path}: shard {os.path.basename(fname)} is missing")
+        return files
+    single = os.path.join(path, SAFE_SINGLE)
+    if not os.path.exists(single):
+        raise CheckpointError(f"{path}: neither {SAFE_INDEX} nor {SAFE_SINGLE} found")
+    with _open_safetensors(single) as f:
+        return {name: single for name in f.keys()}
+
+
+def _open_safetensors(fname: str):
+    try:
+        return safe_open(fname, framework="numpy")
+    except Exception as e:  # truncated header, wrong format, ...
+        raise CheckpointError(f"{fname}: cannot read safetensors file ({e})") from None
+
+
+def _read_tensors(files: dict[str, str], names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (name, array) one tensor at a time, opening each file once."""
+    by_file: dict[str, list[str]] = {}
+    for name in sorted(names):
+        by_file.setdefault(files[name], []).append(name)
+    for fname, tensor_names in by_file.items():
+        with _open_safetensors(fname) as f:
+            present = set(f.keys())
+            for name in tensor_names:
+                if name not in present:
+                    raise CheckpointError(f"{fname}: tensor {name!r} listed in the index is absent")
+                try:
+                    yield name, f.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{fname}: cannot read tensor {name!r} ({e})") from None
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
+                    mesh: Mesh | None = None, rules: dict[str, Any] | None = None,
+                    **config_overrides: Any) -> CausalLM:
+    """Load an HF-format checkpoint directory into a :class:`CausalLM`.
+
+    ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype (both default to the
+    checkpoint's own dtype; giving only ``dtype`` sets both). With ``mesh``, each tensor is placed
+    directly into its sharding. A missing, unexpected or wrongly shaped tensor raises
+    :class:`CheckpointError` naming it. Extra keyword arguments override config fields (e.g.
+    ``remat="full"``).
+    """
+    path = os.fspath(path)
+    overrides = dict(config_overrides)
+    if dtype is not None:
+        overrides["dtype"] = resolve_dtype(dtype)
+        overrides.setdefault("param_dtype", resolve_dtype(param_dtype or dtype))
+    if param_dtype is not None:
+        overrides["param_dtype"] = resolve_dtype(param_dtype)
+    config = ModelConfig.from_hf(path, **overrides)
+    files = _tensor_files(path)
+    table = expand_table(config)
+
+    present = {n for n in files if not _IGNORED.search(n)}
+    if config.tie_word_embeddings and "lm_head.weight" in present:
+        present.discard("lm_head.weight")  # tied: the head is the embedding; a stored copy is unused
+    missing = sorted(set(table) - present)
+    if missing:
+        raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(present - set(table))
+    if unexpected:
+        raise CheckpointError(
+            f"{path}: unexpected tensor {unexpected[0]!r} for a {config.model_type} model"
+            + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+
+    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = None
+    if mesh is not None:
+        from sgalm_jax.sharding import state_shardings
+
+        shardings = dict(nnx.to_flat_state(state_shardings(abstract_state, mesh, rules)))
+    flat = dict(nnx.to_flat_state(abstract_state))
+
+    loaded: dict[tuple[Any, ...], Any] = {}
+    for name, array in _read_tensors(files, set(table)):
+        our_path, transpose = table[name]
+        var = flat[our_path]
+        want = var.get_value()
+        if transpose:
+            array = array.T
+        if tuple(array.shape) != tuple(want.shape):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has shape {tuple(array.shape)}"
+                f"{' (transposed)' if transpose else ''}, the model expects {tuple(want.shape)}")
+        array = np.ascontiguousarray(array.astype(want.dtype))
+        if shardings is not None:
+            sharding = shardings[our_path].get_value()
+            value = jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+        else:
+            value = jnp.asarray(array)
+        loaded[our_path] = var.replace(value)
+        del array
+    state = nnx.from_flat_state(loaded)
+    return nnx.merge(graphdef, state)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer saved next to a checkpoint (``AutoTokenizer`` on the same directory)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.fspath(path))
+
+
+# ---------------------------------------------------------------------------------------- saving
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '5GB', '500MB', '50KB'."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"cannot parse size {size!r} (use e.g. '5GB' or bytes)")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:  # multi-host: gather the global array on every host
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any = None,
+                    dtype: Any = None, max_shard_size: int | str = "5GB") -> None:
+    """Write ``config.json`` + safetensors (sharded past ``max_shard_size``) that transformers loads.
+
+    The files are written to a temporary directory beside ``path`` and moved into place only when
+    complete, so an interrupted export never leaves a half-written checkpoint. ``dtype`` casts the
+    weights (default: their own dtype). ``tokenizer`` is saved alongside when given.
+    """
+    path = os.fspath(path)
+    config: ModelConfig = model.config
+    out_dtype = resolve_dtype(dtype) if dtype is not None else config.param_dtype
+    limit = parse_size(max_shard_size)
+    table = expand_table(config)
+    flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        shards: list[list[str]] = [[]]
+        sizes = [0]
+        nbytes_of = {}
+        for name, (our_path, _) in table.items():
+            value = flat[our_path].get_value()
+            nbytes = int(np.prod(value.shape)) * jnp.dtype(out_dtype).itemsize
+            nbytes_of[name] = nbytes
+            if shards[-1] and sizes[-1] + nbytes > limit:
+                shards.append([])
+                sizes.append(0)
+            shards[-1].append(name)
+            sizes[-1] += nbytes
+        n = len(shards)
+        weight_map: dict[str, str] = {}
+        for k, names in enumerate(shards):
+            fname = SAFE_SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+            tensors = {}
+            for name in names:
+                our_path, transpose = table[name]
+                array = _host_array(flat[our_path].get_value()).astype(out_dtype)
+                tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+                weight_map[name] = fname
+            if jax.process_index() == 0:
+                save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
+            del tensors
+        if jax.process_index() == 0:
+            if n > 1:
+                with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
+                    json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
+                              f, indent=2)
+            hf_config = config.to_hf()
+            hf_config["torch_dtype"] = dtype_name(out_dtype)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config, f, indent=2)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            _move_into_place(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: str, path: str) -> None:
+    """Rename the finished export to ``path``; if it exists, replace its weight files atomically."""
+    if not os.path.exists(path):
+        os.rename(tmp, path)
+        return
+    for stale in os.listdir(path):  # old shards of a different count would confuse loaders
+        if stale.endswith(".safetensors") or stale == SAFE_INDEX:
+            os.remove(os.path.join(path, stale))
+    for fname in os.listdir(tmp):
+        os.replace(os.path.join(tmp, fname), os.path.join(path, fname))

@@ -1,0 +1,272 @@
+"""One Flax NNX decoder-only transformer for Qwen2/Qwen2.5, Qwen3 and Llama 3.x.
+
+Module attribute names follow Hugging Face's (``model.layers.N.self_attn.q_proj`` ...), so the
+weight mapping in :mod:`sgalm_jax.models.hf` is a short table. Every parameter carries logical axis
+names (``embed``, ``heads``, ``kv_heads``, ``mlp``, ``vocab``, ``norm``); :mod:`sgalm_jax.sharding`
+maps them to mesh axes. The model itself knows nothing about meshes.
+
+Numerics: weights in ``param_dtype``, activations and matmuls in ``dtype``; RMSNorm, RoPE, the
+attention softmax and the output logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from sgalm_jax.models.config import ModelConfig
+from sgalm_jax.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
+
+_INIT_STD = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, jnp.float32) * _INIT_STD).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with kernel [in, out] (the transpose of torch's weight)."""
+
+    def __init__(self, din: int, dout: int, *, axes: tuple[str, str], use_bias: bool,
+                 config: ModelConfig, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_normal(rngs, (din, dout), config.param_dtype), logical_axes=axes)
+        self.bias = (
+            nnx.Param(jnp.zeros((dout,), config.param_dtype), logical_axes=(axes[1],))
+            if use_bias else None
+        )
+        self.dtype = config.dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32; the scale is applied after casting back (as HF)."""
+
+    def __init__(self, dim: int, *, eps: float, config: ModelConfig):
+        self.weight = nnx.Param(jnp.ones((dim,), config.param_dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * xf.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [vocab, hidden]."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(
+            _normal(rngs, (config.vocab_size, config.hidden_size), config.param_dtype),
+            logical_axes=("vocab", "embed"),
+        )
+        self.dtype = config.dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: x @ embedding.T, accumulated and returned in float32."""
+        return jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Preallocated keys/values of every layer for incremental decoding.
+
+    All rows of a (left-padded) batch write at the same slot ``index``; ``valid`` marks the slots that
+    hold real tokens, so padding never receives attention.
+    """
+
+    k: tuple[jax.Array, ...]  # per layer [B, S, kv_heads, head_dim]
+    v: tuple[jax.Array, ...]
+    valid: jax.Array  # [B, S] bool
+    index: jax.Array  # int32 scalar: next slot to write
+
+    @classmethod
+    def init(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
+        dtype = dtype or config.dtype
+        shape = (batch, length, config.num_key_value_heads, config.head_dim)
+        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
+        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+                   valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with optional q/k/v bias and per-head q/k RMSNorm."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        q_dim, kv_dim = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+        self.q_proj = Linear(c.hidden_size, q_dim, axes=("embed", "heads"),
+                             use_bias=c.attention_bias, config=c, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, kv_dim, axes=("embed", "kv_heads"),
+                             use_bias=c.attention_bias, config=c, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, kv_dim, axes=("embed", "kv_heads"),
+                             use_bias=c.attention_bias, config=c, rngs=rngs)
+        self.o_proj = Linear(q_dim, c.hidden_size, axes=("heads", "embed"),
+                             use_bias=c.o_proj_bias, config=c, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, config=c)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, config=c)
+        else:
+            self.q_norm = self.k_norm = None
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        new_kv = None
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            new_kv = (ck, cv)
+            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        c = config
+        self.gate_proj = Linear(c.hidden_size, c.intermediate_size, axes=("embed", "mlp"),
+                                use_bias=c.mlp_bias, config=c, rngs=rngs)
+        self.up_proj = Linear(c.hidden_size, c.intermediate_size, axes=("embed", "mlp"),
+                              use_bias=c.mlp_bias, config=c, rngs=rngs)
+        self.down_proj = Linear(c.intermediate_size, c.hidden_size, axes=("mlp", "embed"),
+                                use_bias=c.mlp_bias, config=c, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+        self.self_attn = Attention(config, rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                                                config=config)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, new_kv
+
+
+_REMAT_POLICIES: dict[str, Callable | None] = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Token positions [B, T] for a left- or right-padded batch: count of real tokens before each."""
+    mask = attention_mask.astype(jnp.int32)
+    return jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+
+
+class DecoderModel(nnx.Module):
+    """The transformer body (HF's ``model``): embeddings, layers, final norm; returns hidden states."""
+
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+        self.config = config
+        self.embed_tokens = Embedding(config, rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_hidden_layers)])
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: KVCache | None = None):
+        b, t = input_ids.shape
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required when decoding with a cache")
+            positions = positions_from_mask(attention_mask)
+        cos, sin = rotary_cos_sin(positions, inverse_frequencies(self.config))
+
+        if cache is None:
+            key_valid, q_slot, k_slot = attention_mask, jnp.arange(t), jnp.arange(t)
+        else:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
+            q_slot, k_slot = cache.index + jnp.arange(t), jnp.arange(cache.length)
+        causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+        mask = (causal[None, :, :] & key_valid[:, None, :])[:, None, :, :]  # [B, 1, T, S]
+
+        x = self.embed_tokens(input_ids)
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            index = None if cache is None else cache.index
+            if self.config.remat != "none" and cache is None:
+                policy = _REMAT_POLICIES[self.config.remat]
+                x, _ = nnx.remat(lambda l, *a: l(*a), policy=policy)(layer, x, cos, sin, mask)
+            else:
+                x, new_kv = layer(x, cos, sin, mask, kv, index)
+                if new_kv is not None:
+                    new_k.append(new_kv[0])
+                    new_v.append(new_kv[1])
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=cache.index + t)
+
+
+class CausalLM(nnx.Module):
+    """Decoder plus language-model head (tied to the embedding or separate), as HF's *ForCausalLM."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.model = DecoderModel(config, rngs)
+        self.lm_head = (
+            None if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, axes=("embed", "vocab"),
+                        use_bias=False, config=config, rngs=rngs)
+        )
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """Float32 logits [B, T, vocab] from final hidden states."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        return jnp.einsum("btd,dv->btv", hidden, self.lm_head.kernel[...].astype(hidden.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                 positions: jax.Array | None = None, cache: KVCache | None = None):
+        """Logits [B, T, vocab] in float32; with ``cache``, returns ``(logits, updated_cache)``.
+
+        ``attention_mask`` [B, T] marks real tokens (0 = padding, left or right). Without explicit
+        ``positions`` they are derived from the mask, so left-padded rows start at position 0.
+        """
+        hidden, new_cache = self.model(input_ids, attention_mask, positions, cache)
+        logits = self.logits_from_hidden(hidden)
+        return logits if cache is None else (logits, new_cache)
