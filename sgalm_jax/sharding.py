@@ -155,3 +155,57 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 def data_parallel_size(mesh: Mesh) -> int:
     """Number of batch shards (data x fsdp)."""
     return _axis_size(mesh, BATCH_AXES)
+
+
+# ------------------------------------------------------------------------------- training helpers
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A fully replicated sharding on ``mesh`` (scalars, step counters, metrics)."""
+    return NamedSharding(mesh, P())
+
+
+def shardings_like_params(tree: Any, params: Any, param_shardings: Any, mesh: Mesh) -> Any:
+    """Shardings for ``tree`` (e.g. an optimizer state) whose param-shaped leaves follow the params.
+
+    A leaf of ``tree`` whose key path ends with the full key path of a param and has that param's
+    shape gets the param's sharding (Adam's ``mu``/``nu``, RMSProp's ``nu``, momentum traces, in
+    whatever optax wrapper: chain, masked, multi_transform); every other leaf (step counts, ...) is
+    replicated. This relies only on key paths, not on optax internals.
+    """
+    flat_params = jax.tree_util.tree_flatten_with_path(params)[0]
+    flat_shardings = jax.tree.leaves(param_shardings,
+                                     is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+    if len(flat_params) != len(flat_shardings):
+        raise ShardingError(f"param_shardings has {len(flat_shardings)} leaves, params has "
+                            f"{len(flat_params)}")
+    table = {tuple(path): (tuple(np.shape(leaf)), s)
+             for (path, leaf), s in zip(flat_params, flat_shardings)}
+    lengths = sorted({len(p) for p in table}, reverse=True)
+    repl = replicated(mesh)
+
+    def one(path: tuple, leaf: Any) -> Any:
+        shape = tuple(np.shape(leaf))
+        for n in lengths:
+            if n <= len(path):
+                hit = table.get(tuple(path[-n:]))
+                if hit is not None and hit[0] == shape:
+                    return hit[1]
+        return repl
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def global_batch_from_local(local: Any, mesh: Mesh) -> Any:
+    """Assemble global batch arrays from this host's rows (leading dim) of each leaf.
+
+    On one host this is a ``device_put`` into :func:`batch_sharding`; on several, each host passes
+    its own contiguous slice of the global batch (rows ``[p * B / P, (p + 1) * B / P)``).
+    """
+    def one(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        global_shape = (x.shape[0] * jax.process_count(),) + x.shape[1:]
+        return jax.make_array_from_process_local_data(sharding, x, global_shape)
+
+    return jax.tree.map(one, local)

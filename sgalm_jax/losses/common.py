@@ -51,8 +51,15 @@ __all__ = [
 
 
 def as_f32(x) -> Array:
-    """Cast to float32: every loss does its math in fp32 whatever the params' dtype."""
-    return jnp.asarray(x, dtype=jnp.float32)
+    """Cast to at least float32: every loss does its math in fp32 whatever the params' dtype.
+
+    bf16/fp16/int inputs become float32; float64 inputs (only possible with ``jax_enable_x64``) stay
+    float64, so a loss can be checked against an exact float64 reference.
+    """
+    x = jnp.asarray(x)
+    if x.dtype == jnp.float64:
+        return x
+    return x.astype(jnp.float32)
 
 
 def mask_or_ones(mask: Optional[Array], like: Array) -> Array:
@@ -100,7 +107,7 @@ def effective_sample_size(log_weights: Array, mask: Optional[Array] = None) -> A
     1.0 means uniform importance weights; ``1/n`` means all weight on one sample.
     """
     m = mask_or_ones(mask, log_weights)
-    lw = jnp.where(m > 0, as_f32(log_weights), -jnp.inf)
+    lw = jnp.where(m > 0, as_f32(log_weights), -1e30)  # finite, so an empty mask gives no NaN
     w = jax.nn.softmax(lw.reshape(-1))
     n = jnp.maximum(jnp.sum(m), 1.0)
     return 1.0 / jnp.maximum(jnp.sum(w**2), 1e-30) / n

@@ -162,7 +162,7 @@ class ModelConfig:
                 raise ConfigError(f"{path}: no config.json found") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls(**_parse_hf(hf, where), **overrides)
+        return cls(**{**_parse_hf(hf, where), **overrides})
 
     def to_hf(self) -> dict[str, Any]:
         """An HF ``config.json`` dict (v4 layout, which transformers v4 and v5 both read)."""
@@ -233,8 +233,12 @@ def _parse_hf(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
     # RoPE: v5 nests everything under rope_parameters; v4 has rope_theta + rope_scaling.
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
-    if scaling:
-        rope = {**scaling, **rope}
+    if scaling and rope:
+        kind = lambda d: d.get("rope_type", d.get("type", "default"))  # noqa: E731
+        if kind(scaling) != kind(rope):
+            raise ConfigError(f"{where}: rope_scaling says rope type {kind(scaling)!r} but "
+                              f"rope_parameters says {kind(rope)!r}")
+    rope = {**scaling, **rope}
     theta = hf.get("rope_theta", rope.get("rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:

@@ -209,12 +209,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         our_path, transpose = table[name]
         var = flat[our_path]
         want = var.get_value()
+        expected = tuple(reversed(want.shape)) if transpose else tuple(want.shape)
+        if tuple(array.shape) != expected:
+            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(array.shape)}, "
+                                  f"the model config expects {expected}")
         if transpose:
             array = array.T
-        if tuple(array.shape) != tuple(want.shape):
-            raise CheckpointError(
-                f"{path}: tensor {name!r} has shape {tuple(array.shape)}"
-                f"{' (transposed)' if transpose else ''}, the model expects {tuple(want.shape)}")
         array = np.ascontiguousarray(array.astype(want.dtype))
         if shardings is not None:
             sharding = shardings[our_path].get_value()

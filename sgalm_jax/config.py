@@ -1,0 +1,421 @@
+"""The base config: every key, its default and a one-line description; validation.
+
+Experiment files under ``configs/`` start from :func:`base_config` and override what they need::
+
+    from sgalm_jax.config import base_config
+
+    def get_config():
+        config = base_config()
+        config.algorithm = "sft"
+        config.model.path = "/models/Qwen2.5-3B-Instruct"
+        return config
+
+``python -m sgalm_jax.main --config configs/X.py --config.train.num_steps=100`` loads such a file (this
+module itself is the default config file, so ``--config`` may be left out). :func:`validate_config`
+runs before anything is compiled and raises :class:`ConfigError` naming the key at fault: unknown
+keys, wrong types, impossible values. Checks that need the device count (mesh shape, batch
+divisibility) run in :func:`validate_for_devices`.
+
+Keys whose description starts with ``(free-form)`` hold dicts whose own keys are not checked (e.g.
+``model.hf_config``, HF config fields for a randomly initialised model).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from typing import Any, Iterator, Mapping
+
+import ml_collections
+
+from sgalm_jax.errors import ConfigError
+
+FREE_FORM = "(free-form)"
+
+# Model architectures that need no download: random initialisation from one of these HF configs.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, tie_word_embeddings=True),
+    "tiny-qwen3": dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, max_position_embeddings=2048, tie_word_embeddings=True),
+    "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       max_position_embeddings=2048, tie_word_embeddings=False),
+    # Shapes of public checkpoints, for benchmarks and compile checks without the weights.
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896,
+                         intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                         tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536,
+                         intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                         tie_word_embeddings=True),
+    "qwen2.5-3b": dict(model_type="qwen2", vocab_size=151936, hidden_size=2048,
+                       intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                       num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
+                       tie_word_embeddings=True),
+}
+
+OPTIMIZERS = ("adamw", "rmsprop", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+DTYPES = ("float32", "bfloat16", "fp32", "bf16")
+REMAT = ("none", "full", "dots", "dots_no_batch")
+SFT_NORMALIZE = ("token", "sequence", "sequence_sum", "sum")
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+# key: (default, description). Nested dicts are sections.
+_SCHEMA: dict[str, Any] = {
+    "algorithm": ("demo", "which algorithm to run: a name in sgalm_jax.algorithms' registry "
+                          "(demo, sft, ...)"),
+    "workdir": ("", "run directory (config.json, metrics, checkpoints, export); '' = "
+                    "runs/<algorithm>; rerunning with the same workdir resumes"),
+    "seed": (0, "seed of parameter init, data order and the training RNG"),
+    "model": {
+        "path": ("", "HF checkpoint directory (config.json + safetensors) to fine-tune"),
+        "init": ("", "instead of model.path: random init from a preset name (tiny-qwen2, "
+                     "tiny-qwen3, tiny-llama, qwen2.5-1.5b, ...) or an HF config.json path"),
+        "hf_config": ({}, f"{FREE_FORM} HF config fields overriding model.init's architecture, "
+                          "e.g. {'hidden_size': 128}"),
+        "dtype": ("float32", "compute dtype of activations and matmuls (float32 or bfloat16)"),
+        "param_dtype": ("float32", "storage dtype of the trained (master) weights"),
+        "remat": ("none", "activation rematerialisation per layer: none, full, dots, "
+                          "dots_no_batch"),
+    },
+    "tokenizer": {
+        "path": ("", "tokenizer directory; '' = model.path; 'builtin:tiny' = a small byte-level "
+                     "BPE built offline (for tests and the demo)"),
+    },
+    "mesh": {
+        "data": (1, "devices along the pure data-parallel axis (-1 = the remaining devices)"),
+        "fsdp": (-1, "devices along the FSDP axis: batch and weights sharded (-1 = the "
+                     "remaining devices)"),
+        "tensor": (1, "devices along the tensor-parallel axis: heads and MLP columns "
+                      "(-1 = the remaining devices)"),
+    },
+    "distributed": {
+        "mode": ("auto", "multi-host JAX: auto (initialise when launched on several hosts), "
+                         "on, off"),
+        "coordinator_address": ("", "host:port of process 0; '' = detected from the "
+                                    "environment (TPU VM, SLURM, JAX_COORDINATOR_ADDRESS)"),
+        "num_processes": (-1, "number of processes; -1 = detected"),
+        "process_id": (-1, "this process's index; -1 = detected"),
+    },
+    "optimizer": {
+        "name": ("adamw", "adamw, rmsprop (torch-style: sqrt(v) + eps, no momentum by "
+                          "default) or sgd"),
+        "learning_rate": (1e-5, "peak learning rate"),
+        "schedule": ("constant", "shape after warmup: constant, linear (to end_lr_factor) or "
+                                 "cosine (to end_lr_factor)"),
+        "warmup_steps": (0, "linear warmup from 0 over this many optimizer steps"),
+        "decay_steps": (0, "length of the decay after warmup; 0 = train.num_steps - "
+                           "warmup_steps"),
+        "end_lr_factor": (0.0, "final learning rate as a fraction of the peak (linear, cosine)"),
+        "weight_decay": (0.0, "AdamW: decoupled weight decay; rmsprop/sgd: L2 added to the "
+                              "gradient (as torch)"),
+        "b1": (0.9, "AdamW beta1"),
+        "b2": (0.999, "AdamW beta2"),
+        "eps": (1e-8, "AdamW / RMSProp epsilon (RMSProp: added to sqrt(v), as torch)"),
+        "rmsprop_decay": (0.99, "RMSProp smoothing constant (torch's alpha)"),
+        "momentum": (0.0, "SGD / RMSProp momentum (0 = none)"),
+        "max_grad_norm": (1.0, "clip gradients to this global norm; 0 = no clipping"),
+        "freeze": ("", "regex over param paths ('model/embed_tokens/embedding'); matching "
+                       "params are not trained"),
+    },
+    "train": {
+        "num_steps": (100, "optimizer steps to run (the run ends there; resume continues to "
+                           "it)"),
+        "batch_size": (8, "global batch: sequences per optimizer step, over all devices and "
+                          "micro-batches"),
+        "grad_accum_steps": (1, "micro-batches per optimizer step (gradients averaged "
+                                "in-step)"),
+        "log_every": (1, "write metrics every this many steps"),
+        "compute_dtype": ("", "cast params to this dtype for the forward/backward (e.g. "
+                              "bfloat16 over float32 master weights); '' = no cast"),
+    },
+    "checkpoint": {
+        "every_steps": (100, "save a checkpoint every this many steps (0 = only at the end "
+                             "and on preemption)"),
+        "keep": (2, "keep the last this many checkpoints"),
+        "async_save": (True, "write checkpoints in the background while training continues"),
+        "resume": (True, "resume from the latest complete checkpoint in workdir/checkpoints"),
+        "export": (True, "at the end, write the model in HF format to workdir/export"),
+        "export_dtype": ("", "dtype of the exported weights; '' = model.param_dtype"),
+    },
+    "metrics": {
+        "tensorboard": (True, "write TensorBoard event files to the workdir"),
+        "progress_bar": (True, "show a tqdm progress bar with loss, tokens/s and step time"),
+        "peak_tflops": (0.0, "peak TFLOP/s per device for the MFU estimate; 0 = from the "
+                             "device kind (TPU v4/v5e/v5p/v6e, A100, H100, H200)"),
+    },
+    "data": {
+        "train_file": ("", "JSONL file of training records (prompt/response fields)"),
+        "task": ("", "instead of train_file: a task name from sgalm_jax.data's registry "
+                     "(e.g. gsm8k, arithmetic)"),
+        "split": ("train", "split of data.task to train on"),
+        "data_dir": ("", "directory data.task reads its files from; '' = the task's default"),
+        "prompt_key": ("prompt", "record field holding the prompt"),
+        "response_key": ("response", "record field holding the target response"),
+        "max_examples": (0, "use at most this many records; 0 = all"),
+        "chat_template": (False, "wrap prompts in the tokenizer's chat template (user turn, "
+                                 "then the assistant response)"),
+        "system_prompt": ("", "system message put before the prompt when chat_template is on"),
+        "max_length": (512, "tokens per sequence; longer examples are truncated (response "
+                            "end first kept)"),
+        "packing": (False, "pack several examples per row of max_length (positions restart "
+                           "per example) instead of padding to buckets"),
+        "min_bucket": (32, "shortest padded length; batches pad to the next power of two "
+                           "up to max_length"),
+        "shuffle": (True, "shuffle the records each epoch (seeded)"),
+    },
+    "sft": {
+        "normalize": ("token", "loss normalisation: token, sequence, sequence_sum or sum"),
+    },
+}
+
+
+# ------------------------------------------------------------------------------------ schema walk
+def _walk(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any, str]]:
+    for key, value in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _walk(value, path + ".")
+        else:
+            yield path, value[0], value[1]
+
+
+DESCRIPTIONS: dict[str, str] = {path: desc for path, _, desc in _walk(_SCHEMA)}
+DEFAULTS: dict[str, Any] = {path: default for path, default, _ in _walk(_SCHEMA)}
+FREE_FORM_KEYS = frozenset(p for p, d in DESCRIPTIONS.items() if d.startswith(FREE_FORM))
+
+
+def _build(schema: Mapping[str, Any]) -> ml_collections.ConfigDict:
+    out = ml_collections.ConfigDict()
+    for key, value in schema.items():
+        if isinstance(value, dict):
+            out[key] = _build(value)
+        else:
+            default = value[0]
+            out[key] = ml_collections.ConfigDict(dict(default)) if isinstance(default, dict) else default
+    return out
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """A fresh ConfigDict with every key at its default."""
+    return _build(_SCHEMA)
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The embedded default config (``algorithm='demo'``), used when ``--config`` is left out."""
+    return base_config()
+
+
+def describe() -> str:
+    """Every key with its default and description, one per line (``--describe`` prints it)."""
+    width = max(map(len, DESCRIPTIONS))
+    return "\n".join(f"{k:<{width}}  {DEFAULTS[k]!r:<12}  {d}" for k, d in DESCRIPTIONS.items())
+
+
+# ------------------------------------------------------------------------------------ validation
+def _did_you_mean(key: str) -> str:
+    close = difflib.get_close_matches(key, list(DESCRIPTIONS), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def check_key(key: str) -> None:
+    """Raise ConfigError if ``key`` (dotted) is not a config key (``--config.KEY=...`` overrides)."""
+    if key in DESCRIPTIONS:
+        return
+    if any(key.startswith(f + ".") for f in FREE_FORM_KEYS):
+        return
+    raise ConfigError(f"{key}: unknown config key{_did_you_mean(key)}")
+
+
+def _flatten(config: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    items = config.items() if hasattr(config, "items") else []
+    for key, value in items:
+        path = f"{prefix}{key}"
+        if path in FREE_FORM_KEYS:
+            yield path, value
+        elif isinstance(value, (ml_collections.ConfigDict, dict)):
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    if isinstance(default, dict):
+        return isinstance(value, (dict, ml_collections.ConfigDict))
+    return True
+
+
+def _type_name(default: Any) -> str:
+    return {bool: "bool", int: "int", float: "float", str: "str", dict: "dict"}.get(
+        type(default), type(default).__name__)
+
+
+def _choice(config: Any, key: str, choices: tuple[str, ...]) -> None:
+    value = get(config, key)
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
+
+
+def get(config: Any, key: str) -> Any:
+    """``config`` value at a dotted ``key``."""
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def validate_config(config: Any) -> None:
+    """Check keys, types and device-independent values; raise ConfigError naming the key.
+
+    Algorithm-specific checks (model source, data source) are in the algorithm's ``validate``.
+    """
+    seen = set()
+    for key, value in _flatten(config):
+        if key not in DEFAULTS:
+            raise ConfigError(f"{key}: unknown config key{_did_you_mean(key)}")
+        seen.add(key)
+        default = DEFAULTS[key]
+        if not _type_ok(value, default):
+            raise ConfigError(f"{key}: expected {_type_name(default)}, got {type(value).__name__} "
+                              f"{value!r}")
+    missing = sorted(set(DEFAULTS) - seen)
+    if missing:
+        raise ConfigError(f"{missing[0]}: key missing from the config (start experiment files "
+                          "from sgalm_jax.config.base_config())")
+
+    for key in ("model.dtype", "model.param_dtype"):
+        _choice(config, key, DTYPES)
+    if config.train.compute_dtype:
+        _choice(config, "train.compute_dtype", DTYPES)
+    if config.checkpoint.export_dtype:
+        _choice(config, "checkpoint.export_dtype", DTYPES)
+    _choice(config, "model.remat", REMAT)
+    _choice(config, "optimizer.name", OPTIMIZERS)
+    _choice(config, "optimizer.schedule", SCHEDULES)
+    _choice(config, "sft.normalize", SFT_NORMALIZE)
+    _choice(config, "distributed.mode", DISTRIBUTED_MODES)
+    if config.model.init and config.model.path:
+        raise ConfigError("model.init: set either model.path or model.init, not both")
+    if config.model.init and config.model.init not in MODEL_PRESETS:
+        if not os.path.exists(config.model.init):
+            raise ConfigError(f"model.init: {config.model.init!r} is neither a preset "
+                              f"({sorted(MODEL_PRESETS)}) nor an existing config.json path")
+    if config.model.hf_config and not config.model.init:
+        raise ConfigError("model.hf_config: only applies with model.init (random init)")
+
+    positive = ["train.num_steps", "train.batch_size", "train.grad_accum_steps", "train.log_every",
+                "checkpoint.keep", "data.max_length", "data.min_bucket"]
+    for key in positive:
+        if get(config, key) < 1:
+            raise ConfigError(f"{key}: must be >= 1, got {get(config, key)}")
+    non_negative = ["optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.weight_decay",
+                    "optimizer.momentum", "optimizer.max_grad_norm", "optimizer.eps",
+                    "checkpoint.every_steps", "data.max_examples", "metrics.peak_tflops",
+                    "optimizer.end_lr_factor"]
+    for key in non_negative:
+        if get(config, key) < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {get(config, key)}")
+    if not config.optimizer.learning_rate > 0:
+        raise ConfigError(f"optimizer.learning_rate: must be > 0, got "
+                          f"{config.optimizer.learning_rate}")
+    for key in ("optimizer.b1", "optimizer.b2", "optimizer.rmsprop_decay"):
+        if not 0 <= get(config, key) < 1:
+            raise ConfigError(f"{key}: must be in [0, 1), got {get(config, key)}")
+    if config.train.batch_size % config.train.grad_accum_steps:
+        raise ConfigError(f"train.batch_size: {config.train.batch_size} is not divisible by "
+                          f"train.grad_accum_steps={config.train.grad_accum_steps}")
+    for axis in ("data", "fsdp", "tensor"):
+        size = config.mesh[axis]
+        if size == 0 or size < -1:
+            raise ConfigError(f"mesh.{axis}: {size} is not a positive size or -1")
+    fill = [a for a in ("data", "fsdp", "tensor") if config.mesh[a] == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"mesh.{fill[1]}: only one mesh axis may be -1 (also mesh.{fill[0]})")
+
+
+def resolve_mesh(config: Any, num_devices: int) -> dict[str, int]:
+    """The mesh shape ``{data, fsdp, tensor}`` for ``num_devices``; errors name ``mesh.X``."""
+    sizes = {a: int(config.mesh[a]) for a in ("data", "fsdp", "tensor")}
+    fill = [a for a, s in sizes.items() if s == -1]
+    fixed = {a: s for a, s in sizes.items() if s != -1}
+    known = math.prod(fixed.values())
+    # Name the axis most likely at fault: the largest fixed one.
+    culprit = max(fixed, key=lambda a: fixed[a]) if fixed else "fsdp"
+    if fill:
+        if num_devices % known:
+            raise ConfigError(
+                f"mesh.{culprit}: the fixed mesh axes {fixed} multiply to {known}, which does not "
+                f"divide the {num_devices} devices (mesh.{fill[0]}=-1 takes the rest)")
+        sizes[fill[0]] = num_devices // known
+    elif known != num_devices:
+        raise ConfigError(
+            f"mesh.{culprit}: data*fsdp*tensor = {known} ({sizes}) does not equal the "
+            f"{num_devices} devices; set one axis to -1 to take the remaining devices")
+    return sizes
+
+
+def validate_for_devices(config: Any, num_devices: int, num_processes: int = 1) -> dict[str, int]:
+    """Checks that need the device count: mesh shape and batch divisibility. Returns the mesh."""
+    sizes = resolve_mesh(config, num_devices)
+    dp = sizes["data"] * sizes["fsdp"]
+    micro = config.train.batch_size // config.train.grad_accum_steps
+    if micro % dp:
+        raise ConfigError(
+            f"train.batch_size: the micro-batch of {micro} sequences (train.batch_size="
+            f"{config.train.batch_size} / train.grad_accum_steps={config.train.grad_accum_steps})"
+            f" is not divisible by the data-parallel size {dp} (mesh.data*mesh.fsdp)")
+    if micro % num_processes:
+        raise ConfigError(f"train.batch_size: the micro-batch of {micro} sequences is not "
+                          f"divisible by the {num_processes} hosts")
+    return sizes
+
+
+# ------------------------------------------------------------------------------------ I/O
+def to_dict(config: Any) -> dict[str, Any]:
+    """A plain nested dict (JSON-serialisable) of ``config``."""
+    return json.loads(config.to_json()) if hasattr(config, "to_json") else dict(config)
+
+
+def save_config(config: Any, path: str) -> None:
+    """Write the resolved config as JSON (``workdir/config.json``)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def load_config_json(path: str) -> ml_collections.ConfigDict:
+    """Read a ``config.json`` written by :func:`save_config` back into a ConfigDict (validated)."""
+    with open(path) as f:
+        data = json.load(f)
+    config = base_config()
+    config.update_from_flattened_dict(
+        {k: v for k, v in _flatten_plain(data)}) if data else None
+    validate_config(config)
+    return config
+
+
+def _flatten_plain(d: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in d.items():
+        path = f"{prefix}{key}"
+        if path in FREE_FORM_KEYS or not isinstance(value, Mapping):
+            check_key(path)
+            yield path, value
+        else:
+            yield from _flatten_plain(value, path + ".")

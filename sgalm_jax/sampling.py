@@ -1,0 +1,550 @@
+"""Batched autoregressive sampling: one jitted prefill, then a ``lax.while_loop`` decode over a KV cache.
+
+The sampler never closes over parameters. :class:`Sampler` is built once from a model's ``GraphDef``
+(static) and called with a params ``State`` (an argument of the jitted programs), so a training loop
+samples from the current or a frozen params snapshot without rebuilding a module or recompiling::
+
+    graphdef, params = nnx.split(model)
+    sampler = Sampler(graphdef, model.config)
+    out = sampler.generate(params, prompts, max_new_tokens=64, temperature=0.7, num_samples=8,
+                           rng=jax.random.key(0))
+
+``generate(model, prompts, ...)`` is the one-call form for a module.
+
+How a call runs:
+
+1. Prompts (ragged token lists, or an array plus mask with any padding) are left-padded to a prompt
+   bucket (the next power of two, at least ``min_prompt_bucket``) and the batch is padded with dummy
+   rows to a batch bucket (power of two, at least ``min_batch_bucket``, a multiple of the mesh's
+   data-parallel size). Each (batch bucket, prompt bucket, max_new_tokens, sampling mode) compiles
+   one prefill and one decode program; :attr:`Sampler.num_compilations` counts them.
+2. The prefill program runs the prompt once, computes the last position's logits only, repeats the
+   cache and logits ``num_samples`` times along the batch (no prefill per sample), and samples the
+   first token.
+3. The decode program takes the cache by donation (updated in place, no second copy) and loops with
+   ``lax.while_loop`` until every row has produced a stop token or ``max_new_tokens`` tokens.
+
+Log-probs: ``Generation.logprobs`` holds ``log_softmax(raw_logits)[token]`` for every generated
+token, i.e. the log-probability under the *model* (temperature 1, no top-k/top-p), which is what a
+teacher-forced forward over prompt + completion gives. It is not the probability under the filtered
+sampling distribution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sgalm_jax.errors import ConfigError
+from sgalm_jax.models.config import ModelConfig, resolve_dtype
+from sgalm_jax.models.transformer import CausalLM, KVCache, positions_from_mask
+from sgalm_jax.sharding import BATCH_AXES, LOGICAL_RULES, data_parallel_size, logical_to_spec
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Generation", "Sampler", "TextGeneration", "generate", "generate_text", "scale_temperature",
+    "top_k_filter", "top_p_filter", "token_logprobs", "sample_tokens", "bucket_size",
+]
+
+
+# ------------------------------------------------------------------------------ sampling pieces
+def scale_temperature(logits: jax.Array, temperature: float | jax.Array) -> jax.Array:
+    """``logits / temperature`` in float32 (temperature > 0)."""
+    return logits.astype(jnp.float32) / temperature
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+    """Keep the ``k`` largest logits of the last axis (and any tied with the k-th); others -> -inf."""
+    if k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def _top_p_keep_sorted(sorted_logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """For logits sorted in descending order: mask of the smallest prefix with probability >= p."""
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive cumulative probability
+    return mass_before < p  # the first token is always kept
+
+
+def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """Nucleus filter: keep the most probable tokens whose total probability first reaches ``p``.
+
+    Same set as transformers' ``TopPLogitsWarper`` (ties with the last kept logit are kept).
+    Tokens outside the nucleus get -inf.
+    """
+    sorted_logits = -jnp.sort(-logits, axis=-1)
+    keep = _top_p_keep_sorted(sorted_logits, p)
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits < cutoff, -jnp.inf, logits)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """``log_softmax(logits)[..., token]`` in float32 (the model's own log-prob of ``tokens``)."""
+    logits = logits.astype(jnp.float32)
+    chosen = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+    return chosen - jax.nn.logsumexp(logits, axis=-1)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+    """The static (compile-time) part of the sampling settings; temperature and top_p are traced."""
+
+    greedy: bool
+    top_k: int | None
+    top_p: bool
+
+
+def _make_mode(temperature: float, top_k: int | None, top_p: float | None) -> _Mode:
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"top_k={top_k} must be a positive integer or None")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1] or None")
+    if temperature == 0:
+        return _Mode(True, None, False)
+    return _Mode(False, top_k, top_p is not None and top_p < 1.0)
+
+
+def _select(key: jax.Array, logits: jax.Array, mode: _Mode, temperature, top_p) -> jax.Array:
+    """Next tokens [B] from logits [B, V] under ``mode`` (the composition of the pieces above)."""
+    if mode.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    vocab = logits.shape[-1]
+    if mode.top_k is None and not mode.top_p:
+        return jax.random.categorical(key, scale_temperature(logits, temperature)).astype(jnp.int32)
+    # Work on the candidate list only: the top-k (or, for top-p alone, the whole vocabulary sorted).
+    # Equivalent to masking the full vocabulary with top_k_filter / top_p_filter, but the categorical
+    # draw and the top-p cumulative sum touch k values instead of V.
+    k = min(mode.top_k or vocab, vocab)
+    values, indices = jax.lax.top_k(logits, k)
+    values = scale_temperature(values, temperature)
+    if mode.top_p:
+        values = jnp.where(_top_p_keep_sorted(values, top_p), values, -jnp.inf)
+    choice = jax.random.categorical(key, values)
+    return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sample_tokens(key: jax.Array, logits: jax.Array, *, temperature: float = 1.0,
+                  top_k: int | None = None, top_p: float | None = None) -> jax.Array:
+    """Draw one token per row of ``logits`` [B, V]: temperature, then top-k, then top-p.
+
+    ``temperature=0`` is greedy (argmax). The order matches transformers' logits warpers.
+    """
+    mode = _make_mode(temperature, top_k, top_p)
+    return _select(key, logits, mode, jnp.float32(temperature or 1.0),
+                   jnp.float32(1.0 if top_p is None else top_p))
+
+
+# ------------------------------------------------------------------------------------- results
+@dataclasses.dataclass
+class Generation:
+    """Sampled continuations; row ``i`` continues prompt ``prompt_index[i] = i // num_samples``.
+
+    ``tokens`` [N, max_new_tokens] int32: a row's first ``lengths[i]`` entries are real, including the
+    stop token when ``finished[i]``; the rest hold ``pad_token_id``. ``logprobs`` [N, max_new_tokens]
+    float32: the model's log-prob of each generated token (log-softmax of the raw logits, equal to a
+    teacher-forced forward; not the temperature / top-k / top-p distribution), 0 past the end.
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logprobs: np.ndarray
+    finished: np.ndarray
+    prompt_index: np.ndarray
+    num_samples: int
+
+    def completions(self) -> list[list[int]]:
+        """Each row's generated token ids (stop token included)."""
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+    def sum_logprobs(self) -> np.ndarray:
+        """Total log-prob of each completion [N]."""
+        return self.logprobs.sum(axis=-1)
+
+
+@dataclasses.dataclass
+class TextGeneration:
+    """Decoded completions (``texts[i]`` continues ``prompts[i // num_samples]``)."""
+
+    texts: list[str]
+    prompts: list[str]
+    generation: Generation
+
+
+# ------------------------------------------------------------------------------------ programs
+def bucket_size(n: int, minimum: int = 1, multiple: int = 1) -> int:
+    """The next power of two >= ``n`` (at least ``minimum``), rounded up to a multiple of ``multiple``."""
+    b = max(int(minimum), 1 << max(int(n) - 1, 0).bit_length())
+    return -(-b // multiple) * multiple
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _DecodeState:
+    """The loop carry of the decode program (donated into it, so the cache is updated in place)."""
+
+    cache: KVCache
+    tokens: jax.Array  # [N, max_new] int32
+    logprobs: jax.Array  # [N, max_new] float32
+    last: jax.Array  # [N] int32: the token to feed next
+    position: jax.Array  # [N] int32: its position
+    done: jax.Array  # [N] bool
+    lengths: jax.Array  # [N] int32
+    step: jax.Array  # int32 scalar: tokens generated so far
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    """Everything static about one (batch bucket, prompt bucket, ...) compilation."""
+
+    batch: int  # prompt rows (bucketed)
+    prompt_len: int
+    num_samples: int
+    max_new: int
+    mode: _Mode
+    stop_ids: tuple[int, ...]
+    pad_id: int
+    cache_dtype: Any
+
+
+def _constrain(x: jax.Array, mesh: Mesh | None, spec: P) -> jax.Array:
+    if mesh is None:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _cache_spec(config: ModelConfig, mesh: Mesh | None, batch: int, length: int) -> P:
+    if mesh is None:
+        return P()
+    shape = (batch, length, config.num_key_value_heads, config.head_dim)
+    return logical_to_spec(("batch", "length", "kv_heads", "head_dim"), shape, mesh, LOGICAL_RULES)
+
+
+def _stopped(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
+    if not stop_ids:
+        return jnp.zeros(tokens.shape, bool)
+    return (tokens[:, None] == jnp.asarray(stop_ids, jnp.int32)[None, :]).any(-1)
+
+
+def _prefill(graphdef, config: ModelConfig, prog: _Program, mesh: Mesh | None,
+             state, ids, mask, key, temperature, top_p) -> _DecodeState:
+    model: CausalLM = nnx.merge(graphdef, state)
+    b, t = ids.shape
+    n = prog.num_samples
+    rows = b * n
+    cache_len = t + prog.max_new
+    batch_spec = P(BATCH_AXES) if mesh is not None else P()
+    cache = KVCache.init(config, b, cache_len, prog.cache_dtype)
+    cache_spec = _cache_spec(config, mesh, b, cache_len)
+    cache = dataclasses.replace(cache, k=tuple(_constrain(x, mesh, cache_spec) for x in cache.k),
+                                v=tuple(_constrain(x, mesh, cache_spec) for x in cache.v))
+    hidden, cache = model.model(ids, mask, positions_from_mask(mask), cache)
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left-padded: last slot is real
+
+    if n > 1:  # one prefill per prompt, then n copies of its cache and logits
+        rep = functools.partial(jnp.repeat, repeats=n, axis=0, total_repeat_length=rows)
+        spec = _cache_spec(config, mesh, rows, cache_len)
+        cache = KVCache(k=tuple(_constrain(rep(x), mesh, spec) for x in cache.k),
+                        v=tuple(_constrain(rep(x), mesh, spec) for x in cache.v),
+                        valid=rep(cache.valid), index=cache.index)
+        logits, mask = rep(logits), rep(mask)
+    logits = _constrain(logits, mesh, batch_spec)
+
+    key, sub = jax.random.split(key)
+    first = _select(sub, logits, prog.mode, temperature, top_p)
+    first_lp = token_logprobs(logits, first)
+    real_row = mask[:, -1]  # dummy rows added for bucketing have no real token
+    done = _stopped(first, prog.stop_ids) | ~real_row
+    tokens = jnp.full((rows, prog.max_new), prog.pad_id, jnp.int32).at[:, 0].set(first)
+    logprobs = jnp.zeros((rows, prog.max_new), jnp.float32).at[:, 0].set(first_lp)
+    return _DecodeState(cache=cache, tokens=tokens, logprobs=logprobs, last=first,
+                        position=mask.sum(-1).astype(jnp.int32), done=done,
+                        lengths=real_row.astype(jnp.int32), step=jnp.ones((), jnp.int32), key=key)
+
+
+def _decode(graphdef, prog: _Program, state, ds: _DecodeState, temperature, top_p):
+    model: CausalLM = nnx.merge(graphdef, state)
+    rows = ds.tokens.shape[0]
+    ones = jnp.ones((rows, 1), bool)
+
+    def cond(s: _DecodeState):
+        return (s.step < prog.max_new) & ~jnp.all(s.done)
+
+    def body(s: _DecodeState) -> _DecodeState:
+        logits, cache = model(s.last[:, None], ones, s.position[:, None], s.cache)
+        logits = logits[:, 0]
+        key, sub = jax.random.split(s.key)
+        tok = _select(sub, logits, prog.mode, temperature, top_p)
+        lp = token_logprobs(logits, tok)
+        tok = jnp.where(s.done, prog.pad_id, tok)
+        lp = jnp.where(s.done, 0.0, lp)
+        return _DecodeState(
+            cache=cache,
+            tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
+            logprobs=jax.lax.dynamic_update_slice(s.logprobs, lp[:, None], (0, s.step)),
+            last=tok, position=s.position + 1, done=s.done | _stopped(tok, prog.stop_ids),
+            lengths=s.lengths + (~s.done).astype(jnp.int32), step=s.step + 1, key=key)
+
+    # The whole carry is returned so that every donated input buffer (the cache above all) aliases
+    # an output: the loop then runs in place on the prefill's cache instead of on a copy.
+    return jax.lax.while_loop(cond, body, ds)
+
+
+# ---------------------------------------------------------------------------------- the sampler
+def _find_mesh(state: Any) -> Mesh | None:
+    """The mesh the params live on (None for single-device or unsharded params)."""
+    for leaf in jax.tree.leaves(state):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def _prompt_rows(prompts: Any, prompt_mask: Any) -> list[np.ndarray]:
+    """Ragged int32 token rows from a list of lists or from an array plus mask (any padding)."""
+    if prompt_mask is not None or isinstance(prompts, (np.ndarray, jax.Array)):
+        ids = np.asarray(prompts)
+        if ids.ndim != 2:
+            raise ConfigError(f"prompts: expected a [batch, length] array, got shape {ids.shape}")
+        mask = np.ones(ids.shape, bool) if prompt_mask is None else np.asarray(prompt_mask, bool)
+        if mask.shape != ids.shape:
+            raise ConfigError(f"prompt_mask shape {mask.shape} != prompts shape {ids.shape}")
+        rows = [row[m].astype(np.int32) for row, m in zip(ids, mask)]
+    else:
+        rows = [np.asarray(list(p), np.int32) for p in prompts]
+    for i, row in enumerate(rows):
+        if row.size == 0:
+            raise ConfigError(f"prompts[{i}] is empty; every prompt needs at least one token")
+    return rows
+
+
+class Sampler:
+    """Compiled prefill/decode programs for one model graph, cached per shape bucket.
+
+    Args:
+      graphdef: the model's ``GraphDef`` (``nnx.split(model)[0]``); params are passed per call.
+      config: the model's :class:`ModelConfig` (for cache shapes and the default EOS ids).
+      cache_dtype: KV-cache dtype; default the model's compute dtype on CPU, bfloat16 on accelerators.
+      min_prompt_bucket, min_batch_bucket: smallest prompt-length and batch buckets.
+      max_batch_size: most rows (prompts x num_samples) per prefill/decode; larger calls are split.
+      pad_token_id: filler for padding and for tokens past a row's end (default: the config's pad id,
+        else 0).
+      mesh: the mesh to shard the batch over; default: found from the params' shardings.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, *, cache_dtype: Any = None,
+                 min_prompt_bucket: int = 16, min_batch_bucket: int = 1,
+                 max_batch_size: int | None = None, pad_token_id: int | None = None,
+                 mesh: Mesh | None = None):
+        self.graphdef = graphdef
+        self.config = config
+        self.cache_dtype = resolve_dtype(cache_dtype, "cache_dtype")
+        self.min_prompt_bucket = int(min_prompt_bucket)
+        self.min_batch_bucket = int(min_batch_bucket)
+        self.max_batch_size = max_batch_size
+        pad = config.pad_token_id if pad_token_id is None else pad_token_id
+        self.pad_token_id = int(pad if pad is not None else 0)
+        self.mesh = mesh
+        self._programs: dict[tuple, tuple[Any, Any]] = {}
+
+    @classmethod
+    def from_model(cls, model: CausalLM, **kwargs: Any) -> "Sampler":
+        return cls(nnx.graphdef(model), model.config, **kwargs)
+
+    # ---------------------------------------------------------------- compile bookkeeping
+    @property
+    def num_compilations(self) -> int:
+        """XLA programs compiled so far (prefill and decode count separately)."""
+        return sum(f._cache_size() for pair in self._programs.values() for f in pair)
+
+    @property
+    def buckets(self) -> list[tuple[int, int, int, int]]:
+        """The (batch, prompt length, num_samples, max_new_tokens) buckets seen so far."""
+        return sorted({k[:4] for k in self._programs})
+
+    def _resolve_cache_dtype(self) -> Any:
+        if self.cache_dtype is not None:
+            return self.cache_dtype
+        return self.config.dtype if jax.default_backend() == "cpu" else jnp.bfloat16
+
+    def _get_programs(self, prog: _Program, mesh: Mesh | None):
+        key = (prog.batch, prog.prompt_len, prog.num_samples, prog.max_new, prog.mode,
+               prog.stop_ids, prog.pad_id, jnp.dtype(prog.cache_dtype).name, mesh)
+        if key not in self._programs:
+            prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh))
+            decode = jax.jit(functools.partial(_decode, self.graphdef, prog), donate_argnums=(1,))
+            self._programs[key] = (prefill, decode)
+        return self._programs[key]
+
+    # ------------------------------------------------------------------------ sampling
+    def generate(self, state: Any, prompts: Any, *, max_new_tokens: int,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 num_samples: int = 1, stop_token_ids: Sequence[int] = (),
+                 rng: jax.Array, prompt_mask: Any = None, use_eos: bool = True) -> Generation:
+        """Sample ``num_samples`` continuations of every prompt with params ``state``.
+
+        ``prompts``: a list of token-id lists (ragged), or a [B, T] array with ``prompt_mask``
+        (1 = real token; left, right or no padding). Rows stop at the model's EOS ids (unless
+        ``use_eos=False``), at any of ``stop_token_ids``, or after ``max_new_tokens``.
+        ``temperature=0`` is greedy. ``rng`` is a ``jax.random.key``; the same key, prompts and
+        settings give the same samples.
+        """
+        if max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        if num_samples < 1:
+            raise ConfigError(f"num_samples={num_samples} must be >= 1")
+        mode = _make_mode(float(temperature), top_k, top_p)
+        if mode.greedy and num_samples > 1:
+            log.warning("num_samples=%d with temperature 0: all samples are identical", num_samples)
+        rows = _prompt_rows(prompts, prompt_mask)
+        stop = tuple(sorted(set((self.config.eos_token_ids if use_eos else ()))
+                            | {int(s) for s in stop_token_ids}))
+        mesh = self.mesh if self.mesh is not None else _find_mesh(state)
+        dp = data_parallel_size(mesh) if mesh is not None else 1
+        per_call = len(rows)
+        if self.max_batch_size is not None:
+            per_call = max(1, min(per_call, self.max_batch_size // num_samples))
+        if isinstance(rng, (int, np.integer)):
+            rng = jax.random.key(int(rng))
+
+        outs = []
+        for c, start in enumerate(range(0, len(rows), per_call)):
+            chunk = rows[start:start + per_call]
+            key = rng if c == 0 else jax.random.fold_in(rng, c)
+            outs.append(self._generate_chunk(state, chunk, mesh, dp, mode, stop, max_new_tokens,
+                                             float(temperature), top_p, num_samples, key))
+        tokens, logprobs, lengths, done = (np.concatenate(x) for x in zip(*outs))
+        return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=done,
+                          prompt_index=np.repeat(np.arange(len(rows)), num_samples),
+                          num_samples=num_samples)
+
+    def _generate_chunk(self, state, rows, mesh, dp, mode, stop, max_new, temperature, top_p,
+                        num_samples, key):
+        b = len(rows)
+        longest = max(r.size for r in rows)
+        t = bucket_size(longest, self.min_prompt_bucket)
+        bb = bucket_size(b, self.min_batch_bucket, multiple=dp)
+        ids = np.full((bb, t), self.pad_token_id, np.int32)
+        mask = np.zeros((bb, t), bool)
+        for i, r in enumerate(rows):
+            ids[i, t - r.size:] = r
+            mask[i, t - r.size:] = True
+        prog = _Program(batch=bb, prompt_len=t, num_samples=num_samples, max_new=max_new,
+                        mode=mode, stop_ids=stop, pad_id=self.pad_token_id,
+                        cache_dtype=self._resolve_cache_dtype())
+        prefill, decode = self._get_programs(prog, mesh)
+        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        if mesh is not None:
+            sharding = NamedSharding(mesh, P(BATCH_AXES, None))
+            ids, mask = jax.device_put(ids, sharding), jax.device_put(mask, sharding)
+        temp = jnp.float32(temperature if temperature > 0 else 1.0)
+        p = jnp.float32(1.0 if top_p is None else top_p)
+        ds = prefill(state, ids, mask, key, temp, p)
+        out = decode(state, ds, temp, p)
+        del ds  # donated
+        tokens, logprobs, lengths, done = jax.device_get((out.tokens, out.logprobs, out.lengths,
+                                                          out.done))
+        n = b * num_samples
+        return tokens[:n], logprobs[:n], lengths[:n], done[:n]
+
+    # ---------------------------------------------------------------------------- text
+    def generate_text(self, state: Any, tokenizer: Any, prompts: Sequence[Any], *,
+                      chat_template: bool | None = None, stop_strings: Sequence[str] = (),
+                      skip_special_tokens: bool = True, **kwargs: Any) -> TextGeneration:
+        """Generate from strings or chat conversations and return decoded completions.
+
+        ``prompts``: strings, or chat conversations (lists of ``{"role", "content"}`` dicts).
+        ``chat_template``: apply the tokenizer's chat template (with the generation prompt); default
+        True for conversations, False for strings (a string is then sent as one user message).
+        Completions are decoded and cut before the first of ``stop_strings`` (generation itself stops
+        only on stop tokens). The tokenizer's EOS id is added to the stop tokens. Other keyword
+        arguments go to :meth:`generate`.
+        """
+        texts_in = []
+        for i, prompt in enumerate(prompts):
+            is_chat = not isinstance(prompt, str)
+            use_template = is_chat if chat_template is None else chat_template
+            if is_chat and not use_template:
+                raise ConfigError(f"prompts[{i}] is a conversation but chat_template=False")
+            if use_template:
+                messages = [{"role": "user", "content": prompt}] if not is_chat else list(prompt)
+                texts_in.append(tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True))
+            else:
+                texts_in.append(prompt)
+        templated = chat_template or (chat_template is None
+                                      and any(not isinstance(p, str) for p in prompts))
+        ids = [tokenizer(text, add_special_tokens=not templated)["input_ids"] for text in texts_in]
+        stop = set(kwargs.pop("stop_token_ids", ()))
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            stop.add(int(tokenizer.eos_token_id))
+        gen = self.generate(state, ids, stop_token_ids=tuple(sorted(stop)), **kwargs)
+        texts = [trim_stop_strings(tokenizer.decode(c, skip_special_tokens=skip_special_tokens),
+                                   stop_strings) for c in gen.completions()]
+        return TextGeneration(texts=texts, prompts=texts_in, generation=gen)
+
+
+def trim_stop_strings(text: str, stop_strings: Sequence[str]) -> str:
+    """``text`` cut before the earliest occurrence of any of ``stop_strings``."""
+    cut = len(text)
+    for s in stop_strings:
+        if s:
+            i = text.find(s)
+            if 0 <= i < cut:
+                cut = i
+    return text[:cut]
+
+
+# ------------------------------------------------------------------------ module-level helpers
+_SAMPLERS: dict[tuple, Sampler] = {}
+
+
+def _sampler_for(model: CausalLM, options: Mapping[str, Any]) -> tuple[Sampler, Any]:
+    graphdef, state = nnx.split(model)
+    key = (graphdef, tuple(sorted((k, repr(v)) for k, v in options.items())))
+    sampler = _SAMPLERS.get(key)
+    if sampler is None:
+        if len(_SAMPLERS) >= 16:  # bounded: drop the oldest
+            _SAMPLERS.pop(next(iter(_SAMPLERS)))
+        sampler = _SAMPLERS[key] = Sampler(graphdef, model.config, **options)
+    return sampler, state
+
+
+_SAMPLER_OPTIONS = ("cache_dtype", "min_prompt_bucket", "min_batch_bucket", "max_batch_size",
+                    "pad_token_id", "mesh")
+
+
+def generate(model: CausalLM, prompts: Any, *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
+             stop_token_ids: Sequence[int] = (), rng: jax.Array, **kwargs: Any) -> Generation:
+    """Sample from ``model`` (see :meth:`Sampler.generate`; sampler options may be passed too).
+
+    Repeated calls on models with the same graph reuse one cached :class:`Sampler`, so compiled
+    programs are shared.
+    """
+    options = {k: kwargs.pop(k) for k in _SAMPLER_OPTIONS if k in kwargs}
+    sampler, state = _sampler_for(model, options)
+    return sampler.generate(state, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, num_samples=num_samples,
+                            stop_token_ids=stop_token_ids, rng=rng, **kwargs)
+
+
+def generate_text(model: CausalLM, tokenizer: Any, prompts: Sequence[Any], **kwargs: Any
+                  ) -> TextGeneration:
+    """Text in, text out (see :meth:`Sampler.generate_text`)."""
+    options = {k: kwargs.pop(k) for k in _SAMPLER_OPTIONS if k in kwargs}
+    sampler, state = _sampler_for(model, options)
+    return sampler.generate_text(state, tokenizer, prompts, **kwargs)

@@ -1,0 +1,61 @@
+"""The training core shared by every algorithm: optimizers, train state, a generic jitted train
+step, Orbax checkpoints with resume and preemption handling, metric writers, multi-host start-up.
+
+Typical use (what ``sgalm_jax.algorithms.sft`` does)::
+
+    graphdef, params = split_model(model)
+    tx, schedule = make_optimizer(config.optimizer, num_steps=N, params=params)
+    state, shardings = create_train_state(params, tx, seed=0, mesh=mesh)
+    step = make_train_step(model_loss(graphdef, my_loss), tx, mesh=mesh,
+                           state_shardings=shardings, learning_rate=schedule)
+    state, metrics = step(state, batch)
+"""
+
+from sgalm_jax.training.checkpoint import Checkpointer, PreemptionGuard, inject_fault
+from sgalm_jax.training.metrics import MetricsWriter, StepTimer, mfu, peak_flops_per_device
+from sgalm_jax.training.optimizers import (
+    freeze_params,
+    make_optimizer,
+    make_schedule,
+    param_paths,
+    torch_rmsprop,
+    torch_sgd,
+    trainable_mask,
+)
+from sgalm_jax.training.state import (
+    TrainState,
+    abstract_like,
+    create_train_state,
+    merge_model,
+    model_loss,
+    param_shardings,
+    split_model,
+    train_state_shardings,
+)
+from sgalm_jax.training.train_step import make_train_step
+
+__all__ = [
+    "Checkpointer",
+    "MetricsWriter",
+    "PreemptionGuard",
+    "StepTimer",
+    "TrainState",
+    "abstract_like",
+    "create_train_state",
+    "freeze_params",
+    "inject_fault",
+    "make_optimizer",
+    "make_schedule",
+    "make_train_step",
+    "merge_model",
+    "mfu",
+    "model_loss",
+    "param_paths",
+    "param_shardings",
+    "peak_flops_per_device",
+    "split_model",
+    "torch_rmsprop",
+    "torch_sgd",
+    "train_state_shardings",
+    "trainable_mask",
+]
