@@ -20,6 +20,8 @@ Local files: a directory with ``{split}.jsonl`` or ``{split}_*.jsonl`` (``train_
 
 from __future__ import annotations
 
+import os
+
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -39,7 +41,7 @@ class ARCTask(Task):
     splits: ClassVar[tuple[str, ...]] = ("train", "validation", "test")
     stop_sequences: ClassVar[tuple[str, ...]] = ("\n\nQuestion:", "\nQuestion:", "<|im_end|>", "</s>")
 
-    def __init__(self, source: str | None = None, *, style: str = "mc", letter_labels: bool = True, **kwargs: Any):
+    def __init__(self, source: str | os.PathLike | None = None, *, style: str = "mc", letter_labels: bool = True, **kwargs: Any):
         super().__init__(source, **kwargs)
         if style not in ("mc", "cloze"):
             raise DataError(f"ARC style must be 'mc' or 'cloze', got {style!r}")

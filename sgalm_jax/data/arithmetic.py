@@ -18,6 +18,8 @@ Generation is deterministic in ``(seed, split, index)``; any number of samples c
 
 from __future__ import annotations
 
+import os
+
 import random
 from collections.abc import Iterable, Mapping
 from typing import Any, ClassVar
@@ -181,7 +183,7 @@ class ArithmeticTask(GSM8KTask):
 
     def __init__(
         self,
-        source: str | None = None,
+        source: str | os.PathLike | None = None,
         *,
         seed: int = 0,
         sizes: Mapping[str, int] | None = None,

@@ -228,7 +228,7 @@ class Task(ABC):
         """True when ``output`` answers ``example`` correctly."""
         return self.score(example, output).correct
 
-    def score_batch(self, examples: Sequence[Example], outputs: Sequence[str]) -> list[Score]:
+    def score_batch(self, examples: Sequence[Example], outputs: Sequence[str], *, progress: bool = False) -> list[Score]:
         """Score many outputs (MBPP overrides this to run its sandbox in parallel)."""
         return [self.score(e, o) for e, o in zip(examples, outputs, strict=True)]
 

@@ -19,6 +19,8 @@ chat template. Plain-text formatting uses the Alpaca template for instruction re
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -115,7 +117,7 @@ class ChatTask(Task):
 
     def __init__(
         self,
-        source: str | None = None,
+        source: str | os.PathLike | None = None,
         *,
         require_response: bool = True,
         split_names: Mapping[str, str] | None = None,
@@ -185,7 +187,7 @@ class UltraChatTask(ChatTask):
     name: ClassVar[str] = "ultrachat"
     default_hub: ClassVar[str | None] = "HuggingFaceH4/ultrachat_200k"
 
-    def __init__(self, source: str | None = None, **kwargs: Any):
+    def __init__(self, source: str | os.PathLike | None = None, **kwargs: Any):
         kwargs.setdefault("split_names", {"train": "train_sft", "test": "test_sft"})
         super().__init__(source, **kwargs)
 

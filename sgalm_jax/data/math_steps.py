@@ -25,7 +25,7 @@ from fractions import Fraction
 # optional decimals; or a bare decimal like .5
 _NUM_RE = re.compile(r"(?<![\w.])[-−]?\$?\s?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _ANNOT_RE = re.compile(r"<<([^<>]*?)=([^<>=]*)>>")
-_AFTER_RE = re.compile(r"\$?([-−]?(?:\d[\d,]*(?:\.\d+)?|\.\d+))")
+_AFTER_RE = re.compile(r"\$?([-−]?(?:\d[\d,]*(?:\.\d+)?(?:/\d+)?|\.\d+))")
 _FINAL_RE = re.compile(r"####\s*(.*)")
 
 
@@ -241,8 +241,8 @@ def check_steps(
             return False, f"step {len(steps) + 1}: {expr} evaluates to {_fmt(value)}, not {claimed.strip()}"
         after = _AFTER_RE.match(answer, am.end())
         if after:
-            vis = _frac(after.group(1))
-            if vis is None or not _matches(value, after.group(1), exact) and vis != _frac(claimed):
+            vis = after.group(1)
+            if not _matches(value, vis, exact) and vis.strip() != claimed.strip():
                 return False, f"step {len(steps) + 1}: visible result {after.group(1)} != {claimed.strip()}"
         elif require_visible_result:
             return False, f"step {len(steps) + 1}: no visible result after <<{expr}={claimed}>>"

@@ -24,6 +24,8 @@ in the sandbox of :mod:`sgalm_jax.evaluation.sandbox`.
 
 from __future__ import annotations
 
+import os
+
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -76,7 +78,7 @@ class MBPPTask(Task):
 
     def __init__(
         self,
-        source: str | None = None,
+        source: str | os.PathLike | None = None,
         *,
         sanitized: bool = False,
         include_challenge_tests: bool = False,

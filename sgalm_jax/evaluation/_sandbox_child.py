@@ -119,9 +119,14 @@ def _main() -> None:
     os._exit(0)
 
 
+class SandboxViolation(PermissionError, ValueError):
+    """Raised for a refused operation. Also a ValueError, because standard-library code that
+    introspects frames (namedtuple, enum, typing) tolerates ValueError and carries on."""
+
+
 def _blocked(what: str):
     def blocked(*args, **kwargs):
-        raise PermissionError(f"sandbox: {what} is not allowed")
+        raise SandboxViolation(f"sandbox: {what} is not allowed")
 
     return blocked
 
@@ -130,11 +135,16 @@ def _fail(phase: str, e: BaseException) -> None:
     """Report a failure without tracebacks (tb_frame access is refused by the hook) and exit 1."""
     try:
         name = type(e).__name__
-        line = None
+        # The traceback's first entry is this bootstrap's exec(); the second is the statement of
+        # the program/tests that raised (tb_lineno needs no frame access).
+        lines = []
         tb = e.__traceback__
         while tb is not None:
-            line = tb.tb_lineno
+            lines.append(tb.tb_lineno)
             tb = tb.tb_next
+        line = lines[1] if len(lines) > 1 else None
+        if isinstance(e, SyntaxError):
+            line = e.lineno
         msg = str(e)[:300] if not isinstance(e, SystemExit) else f"exit status {e.code!r}"
         os.write(2, f"[sandbox] {phase} failed: {name}{' line ' + str(line) if line else ''}: {msg}\n".encode("utf-8", "replace"))
     except BaseException:  # noqa: BLE001
@@ -189,15 +199,15 @@ def _make_hook(workdir: str, max_written: int):
 
     def hook(event: str, args: tuple) -> None:
         if event in _DENY_EVENTS or event.startswith("ctypes."):
-            raise PermissionError(f"sandbox: {event} is not allowed")
+            raise SandboxViolation(f"sandbox: {event} is not allowed")
         if event == "import":
             name = args[0] if args else ""
             if isinstance(name, str) and name.split(".")[0] in _DENY_MODULES and name not in sys_modules:
-                raise PermissionError(f"sandbox: importing {name} is not allowed")
+                raise SandboxViolation(f"sandbox: importing {name} is not allowed")
             return
         if event == "object.__getattr__":
             if len(args) > 1 and args[1] in _FRAME_ATTRS:
-                raise PermissionError(f"sandbox: access to {args[1]} is not allowed")
+                raise SandboxViolation(f"sandbox: access to {args[1]} is not allowed")
             return
         if event == "open":
             path, mode = args[0], args[1] if len(args) > 1 else None
@@ -205,22 +215,22 @@ def _make_hook(workdir: str, max_written: int):
             if isinstance(path, (str, bytes)):
                 p = fspath(path)
                 if p.startswith(("/proc", "/sys", "/dev/mem", "/dev/kmem", "/dev/port")) and p != "/proc/self/fd":
-                    raise PermissionError(f"sandbox: reading {p} is not allowed")
+                    raise SandboxViolation(f"sandbox: reading {p} is not allowed")
             writing = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
                 mode is None and isinstance(flags, int) and flags & write_flags
             )
             if writing:
                 if not inside(path):
-                    raise PermissionError(f"sandbox: writing outside the working directory ({path!r})")
+                    raise SandboxViolation(f"sandbox: writing outside the working directory ({path!r})")
                 state["written"] += 1
                 if state["written"] > max_written:
-                    raise PermissionError("sandbox: too many files opened for writing")
+                    raise SandboxViolation("sandbox: too many files opened for writing")
             return
         idx = _PATH_EVENTS.get(event)
         if idx is not None:
             for i in idx:
                 if i < len(args) and args[i] is not None and not inside(args[i]):
-                    raise PermissionError(f"sandbox: {event} outside the working directory")
+                    raise SandboxViolation(f"sandbox: {event} outside the working directory")
 
     return hook
 

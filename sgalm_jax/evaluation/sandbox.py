@@ -34,22 +34,74 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 _CHILD = Path(__file__).with_name("_sandbox_child.py")
 
-DEFAULT_PRELOAD = (
-    "re", "math", "cmath", "collections", "collections.abc", "heapq", "itertools", "functools",
-    "operator", "array", "bisect", "copy", "datetime", "string", "random", "statistics",
-    "fractions", "decimal", "typing", "dataclasses", "json", "struct", "textwrap", "unicodedata",
-    "enum", "numbers", "calendar", "time", "hashlib", "base64", "io", "contextlib", "types",
-    "keyword", "difflib", "pprint", "queue", "abc", "weakref", "locale", "string", "sys",
-)
+# Lazy imports some standard modules make at call time (they must be preloaded too, because
+# after privileges drop the interpreter's own files may be unreadable).
+_LAZY_DEPS = {
+    "collections": ("copy", "heapq"),  # Counter.most_common, UserDict.copy
+    "re": ("unicodedata",),  # \N{...} escapes
+    "functools": ("types", "typing", "weakref"),  # singledispatch
+    "operator": ("functools",),
+    "types": ("functools",),
+    "fractions": ("decimal",),
+    "datetime": ("_strptime",),
+    "time": ("_strptime",),
+    "calendar": ("_strptime",),
+}
+
+
+# Only these standard modules (and their submodules) are ever imported *before* the sandbox is
+# armed, whatever the program names: importing runs module code, and e.g. ``antigravity`` or
+# ``_posixsubprocess`` must only ever be imported under the audit hook.
+SAFE_PRELOAD = frozenset({
+    "re", "math", "cmath", "collections", "heapq", "itertools", "functools", "operator", "array",
+    "bisect", "copy", "copyreg", "datetime", "_strptime", "string", "random", "fractions",
+    "decimal", "typing", "json", "struct", "textwrap", "unicodedata", "enum", "numbers",
+    "calendar", "time", "io", "contextlib", "types", "keyword", "queue", "abc", "statistics",
+    "dataclasses", "difflib", "pprint", "hashlib", "base64", "binascii", "weakref", "reprlib",
+    "sys", "os", "locale", "zlib", "html", "csv", "graphlib", "fnmatch", "shlex", "string",
+    "collections.abc", "inspect", "ast", "tokenize", "token", "secrets",
+})
+
+
+def imported_modules(*sources: str) -> list[str]:
+    """Top-level module names imported anywhere in the sources (``import a.b`` gives ``a.b``).
+
+    Uses the AST; a source that does not parse falls back to a line-based scan.
+    """
+    import ast
+    import re
+
+    names: list[str] = []
+    for src in sources:
+        try:
+            tree = ast.parse(src)
+        except (SyntaxError, ValueError):
+            for m in re.finditer(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w., ]+))", src, re.M):
+                for part in (m.group(1) or m.group(2)).split(","):
+                    part = part.strip().split(" as ")[0].strip()
+                    if part:
+                        names.append(part)
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names += [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.append(node.module)
+                names += [f"{node.module}.{a.name}" for a in node.names if a.name != "*"]
+    out: list[str] = []
+    for n in names:
+        for m in (n, *_LAZY_DEPS.get(n.split(".")[0], ())):
+            if m not in out:
+                out.append(m)
+    return out
 
 
 @dataclass(frozen=True)
@@ -68,8 +120,13 @@ class SandboxConfig:
       uid_base: first uid tried for worker slots (uids with a passwd entry or live processes are skipped).
       isolate_network: move the child into a new network namespace when possible.
       python: the interpreter (default: this one).
-      preload: modules imported before privileges drop (the interpreter's files may be
-        unreadable to the sandbox uid afterwards).
+      site_packages: let programs import installed packages (default: standard library only,
+        interpreter started with ``-S``).
+      preload: modules always imported before privileges drop (the interpreter's own files may
+        be unreadable to the sandbox uid afterwards). Only names in ``SAFE_PRELOAD`` are used.
+      auto_preload: also preload the modules the program and tests import (found by parsing
+        them) when they are in ``SAFE_PRELOAD``; other imports happen under the sandbox's rules
+        (and may fail where the interpreter's files are unreadable to the sandbox uid).
       keep_output_chars: how much of stdout/stderr (tail) a result keeps.
     """
 
@@ -84,7 +141,9 @@ class SandboxConfig:
     uid_base: int = 62000
     isolate_network: bool = True
     python: str | None = None
-    preload: tuple[str, ...] = DEFAULT_PRELOAD
+    site_packages: bool = False
+    preload: tuple[str, ...] = ()
+    auto_preload: bool = True
     keep_output_chars: int = 2000
 
 
@@ -124,9 +183,12 @@ def _pids_of_uid(uid: int) -> list[int]:
             continue
         try:
             with open(f"/proc/{name}/status", encoding="ascii", errors="replace") as f:
+                zombie = False
                 for line in f:
-                    if line.startswith("Uid:"):
-                        if int(line.split()[1]) == uid:
+                    if line.startswith("State:"):
+                        zombie = line.split()[1] in ("Z", "X")
+                    elif line.startswith("Uid:"):
+                        if int(line.split()[1]) == uid and not zombie:
                             out.append(int(name))
                         break
         except (OSError, ValueError, IndexError):
@@ -181,17 +243,47 @@ class Sandbox:
         self._root = os.geteuid() == 0
         self._slots: queue.Queue = queue.Queue()
         uids: list[int | None] = []
+        self._lock_fds: list[int] = []
         if self._root and self.config.drop_privileges:
             uid = self.config.uid_base
             while len(uids) < self.max_workers and uid < self.config.uid_base + 10_000:
-                if not _uid_in_use(uid):
+                if not _uid_in_use(uid) and self._claim(uid):
                     uids.append(uid)
                 uid += 1
         while len(uids) < self.max_workers:
             uids.append(None)
         for u in uids:
             self._slots.put(u)
-        self._lock = threading.Lock()
+
+    def _claim(self, uid: int) -> bool:
+        """Hold an exclusive lock on ``uid`` for this Sandbox's lifetime, so that two sandboxes
+        (in this or another process) never share a uid and kill each other's programs."""
+        import fcntl
+
+        path = os.path.join(tempfile.gettempdir(), f"sgalm_sandbox_uid_{uid}.lock")
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._lock_fds.append(fd)
+        return True
+
+    def close(self) -> None:
+        """Release the uid locks (also done when the Sandbox is garbage-collected)."""
+        for fd in getattr(self, "_lock_fds", []):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._lock_fds = []
+
+    def __del__(self) -> None:
+        self.close()
 
     # ------------------------------------------------------------------------------------ run
     def run(self, program: str, tests: str = "") -> SandboxResult:
@@ -212,7 +304,7 @@ class Sandbox:
             bar = tqdm(total=len(jobs), desc=desc)
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             futures = {pool.submit(self.run, p, t): i for i, (p, t) in enumerate(jobs)}
-            for fut in _as_completed(futures):
+            for fut in as_completed(futures):
                 results[futures[fut]] = fut.result()
                 if bar is not None:
                     bar.update(1)
@@ -236,7 +328,10 @@ class Sandbox:
             "uid": uid,
             "gid": gid,
             "isolate_network": cfg.isolate_network,
-            "preload": list(cfg.preload),
+            "preload": [
+                m for m in list(cfg.preload) + (imported_modules(program, tests) if cfg.auto_preload else [])
+                if m.split(".")[0] in SAFE_PRELOAD
+            ],
             "limits": {
                 "cpu_s": cfg.cpu_time_s or max(1, int(-(-cfg.timeout_s // 1))),
                 "memory_bytes": cfg.memory_mb << 20,
@@ -256,7 +351,7 @@ class Sandbox:
             with open(iodir / "in.json", "rb") as fin, open(iodir / "out", "wb") as fout, open(iodir / "err", "wb") as ferr:
                 try:
                     proc = subprocess.Popen(
-                        [self.python, "-I", "-B", str(_CHILD)],
+                        [self.python, "-I", "-B", *([] if cfg.site_packages else ["-S"]), str(_CHILD)],
                         stdin=fin, stdout=fout, stderr=ferr, cwd=workdir, env=env,
                         start_new_session=True, close_fds=True,
                     )
@@ -272,12 +367,12 @@ class Sandbox:
                     os.killpg(proc.pid, signal.SIGKILL)  # the whole session/group, leftovers included
                 except (ProcessLookupError, PermissionError):
                     pass
-                if uid is not None:
-                    _kill_uid(uid)
                 try:
                     rc = proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL did not reap
                     pass
+                if uid is not None:
+                    _kill_uid(uid)  # anything that left the process group (setsid) dies too
             duration = time.monotonic() - t0
             out = _tail(iodir / "out", cfg.keep_output_chars + 64)
             err = _tail(iodir / "err", cfg.keep_output_chars)
@@ -313,12 +408,6 @@ class Sandbox:
             fails = [ln for ln in lines if ln.startswith("[sandbox] ") and "failed" in ln]
             reason = fails[-1][len("[sandbox] "):] if fails else (lines[-1][-300:] if lines else f"exit status {rc}")
         return SandboxResult(False, "failed", rc, duration, reason, stdout, err, isolation)
-
-
-def _as_completed(futures):
-    from concurrent.futures import as_completed
-
-    return as_completed(futures)
 
 
 def run_program(program: str, tests: str = "", config: SandboxConfig | None = None) -> SandboxResult:

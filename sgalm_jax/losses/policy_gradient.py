@@ -176,13 +176,14 @@ def grpo_loss(
     pg2 = -adv * jnp.clip(ratio, 1.0 - clip_eps, 1.0 + hi)
     pg = jnp.maximum(pg1, pg2)
     if clip_ratio_c is not None:
-        if not clip_ratio_c > 1.0:
+        if isinstance(clip_ratio_c, (int, float)) and not clip_ratio_c > 1.0:
             raise ConfigError(f"grpo clip_ratio_c={clip_ratio_c} must be > 1")
         pg = jnp.where(adv < 0, jnp.minimum(pg, -adv * clip_ratio_c), pg)
     pg_loss = aggregate_token_loss(pg, m, loss_agg, max_response_len=max_response_len)
     loss = pg_loss
     kl_val = jnp.float32(0.0)
-    if ref_logprobs is not None and kl_coef != 0.0:
+    # kl_coef may be traced (e.g. a schedule); only a literal 0 skips the KL computation.
+    if ref_logprobs is not None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0.0):
         kl_tok = kl_penalty(lp, ref_logprobs, kl_estimator)
         kl_val = aggregate_token_loss(kl_tok, m, loss_agg, max_response_len=max_response_len)
         loss = loss + kl_coef * kl_val

@@ -158,8 +158,8 @@ def tilted_mean(
     ``mean + t·κ2/2 + t²·κ3/6`` is used instead; both forms agree there to O((t·max|c|)³·max|c|).
     ``t`` may be a traced scalar (the branch is a ``jnp.where``, safe for gradients).
     """
-    g = as_f32(g)
     m = mask_or_ones(mask, g)
+    g = jnp.where(m != 0, as_f32(g), 0.0)  # padding rows may hold anything; keep them out
     t = as_f32(t)
     mean = masked_mean(g, m)
     c = (g - mean) * m

@@ -35,7 +35,7 @@ def _naive_logprobs(logits, targets):
 
 def test_sequence_logprobs_matches_naive():
     logits, targets, mask = _data()
-    out = sequence_logprobs(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    out = jax.jit(sequence_logprobs)(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
     ref_tok = _naive_logprobs(logits, targets) * mask
     np.testing.assert_allclose(out.token_logprobs, ref_tok, atol=2e-5)
     np.testing.assert_allclose(out.sequence_sum, ref_tok.sum(-1), atol=5e-5)
@@ -56,9 +56,9 @@ def test_custom_vjp_gradient_matches_autodiff_and_bf16():
         return jnp.sum((tok * mask).sum(-1) * jnp.arange(1.0, B + 1))
 
     g1 = jax.jit(jax.grad(ours))(jnp.asarray(logits))
-    g2 = jax.grad(naive)(jnp.asarray(logits))
+    g2 = jax.jit(jax.grad(naive))(jnp.asarray(logits))
     np.testing.assert_allclose(g1, g2, atol=1e-5)
-    gb = jax.grad(ours)(jnp.asarray(logits, jnp.bfloat16))
+    gb = jax.jit(jax.grad(ours))(jnp.asarray(logits, jnp.bfloat16))
     assert gb.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(gb, np.float32), g2, atol=2e-2)
 
@@ -67,7 +67,7 @@ def test_hf_ignore_index_and_mask_none():
     logits, targets, _ = _data(2)
     t = np.array(targets)
     t[:, :3] = -100
-    out = sequence_logprobs(jnp.asarray(logits), jnp.asarray(t))
+    out = jax.jit(sequence_logprobs)(jnp.asarray(logits), jnp.asarray(t))
     ref = (_naive_logprobs(logits, np.maximum(t, 0)) * (t >= 0)).sum(-1)
     np.testing.assert_allclose(out.sequence_sum, ref, atol=5e-5)
 
@@ -76,17 +76,17 @@ def test_causal_shift_alignment():
     logits, ids, _ = _data(3)
     loss_mask = np.zeros((B, T), np.float32)
     loss_mask[:, 4:] = 1.0  # prompt = first 4 tokens, response = rest
-    targets, m = shift_targets(jnp.asarray(ids), jnp.asarray(loss_mask))
+    targets, m = jax.jit(shift_targets)(jnp.asarray(ids), jnp.asarray(loss_mask))
     np.testing.assert_array_equal(targets[:, :-1], ids[:, 1:])
     np.testing.assert_array_equal(m[:, -1], 0.0)
-    out = causal_lm_logprobs(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(loss_mask))
+    out = jax.jit(causal_lm_logprobs)(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(loss_mask))
     # by hand: logits[:, t] predicts ids[:, t+1], scored iff loss_mask[:, t+1]
     lp = _naive_logprobs(logits[:, :-1], ids[:, 1:])
     np.testing.assert_allclose(out.sequence_sum, (lp * loss_mask[:, 1:]).sum(-1), atol=5e-5)
     np.testing.assert_allclose(out.num_tokens, T - 4)
 
 
-@pytest.mark.parametrize("chunk", [3, 7, 16])
+@pytest.mark.parametrize("chunk", [3, 16])
 def test_chunked_from_hidden_matches_dense(chunk):
     rng = np.random.default_rng(4)
     hidden = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
@@ -99,14 +99,15 @@ def test_chunked_from_hidden_matches_dense(chunk):
     def chunked(h, k):
         return jnp.sum(sequence_logprobs_from_hidden(h, k, targets, mask, chunk_size=chunk).sequence_sum)
 
-    np.testing.assert_allclose(chunked(hidden, kernel), dense(hidden, kernel), rtol=1e-5)
-    gd = jax.grad(dense, argnums=(0, 1))(hidden, kernel)
+    np.testing.assert_allclose(jax.jit(chunked)(hidden, kernel), jax.jit(dense)(hidden, kernel), rtol=1e-5)
+    gd = jax.jit(jax.grad(dense, argnums=(0, 1)))(hidden, kernel)
     gc = jax.jit(jax.grad(chunked, argnums=(0, 1)))(hidden, kernel)
     for a, b in zip(gc, gd):
         np.testing.assert_allclose(a, b, atol=1e-4)
     # callable head closing over params
-    out = sequence_logprobs_from_hidden(hidden, lambda x: x @ kernel, targets, mask, chunk_size=chunk)
-    np.testing.assert_allclose(out.sequence_sum, sequence_logprobs(hidden @ kernel, targets, mask).sequence_sum, atol=1e-4)
+    out = jax.jit(lambda h: sequence_logprobs_from_hidden(h, lambda x: x @ kernel, targets, mask, chunk_size=chunk))(hidden)
+    ref = (_naive_logprobs(np.asarray(hidden @ kernel), targets) * mask).sum(-1)
+    np.testing.assert_allclose(out.sequence_sum, ref, atol=1e-4)
 
 
 def test_sft_loss_masking_and_normalisations():
@@ -126,9 +127,9 @@ def test_sft_loss_masking_and_normalisations():
         assert metrics["num_tokens"] == mask.sum()
     # masked positions never matter: change their logits wildly, loss unchanged
     lg2 = np.where(mask[..., None] > 0, logits, 1e4 * np.sign(logits))
-    np.testing.assert_allclose(sft_loss(jnp.asarray(lg2), targets, mask)[0], expect["token"], rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(sft_loss)(jnp.asarray(lg2), targets, mask)[0], expect["token"], rtol=1e-5)
     # gradient is zero at masked positions
-    g = jax.grad(lambda lg: sft_loss(lg, targets, mask)[0])(jnp.asarray(logits))
+    g = jax.jit(jax.grad(lambda lg: sft_loss(lg, targets, mask)[0]))(jnp.asarray(logits))
     assert np.all(np.asarray(g)[mask == 0] == 0)
     with pytest.raises(ConfigError):
         sft_loss(jnp.asarray(logits), targets, mask, normalize="mean")

@@ -25,6 +25,12 @@ from sgalm_jax.losses import (
 
 N = 6
 
+# Jitted entry points: one compile per loss instead of one per eager op (and jit-compatibility for free).
+_spin = jax.jit(spin_loss, static_argnames=("loss_type",))
+_iris = jax.jit(iris_loss)
+_space = jax.jit(space_loss)
+_spif = jax.jit(spif_loss, static_argnames=("form",))
+
 
 def _batch(seed=0, scale=5.0):
     rng = np.random.default_rng(seed)
@@ -44,17 +50,17 @@ def test_spin_equals_dpo_sigmoid_and_hinge():
     hinge = jnp.mean(jnp.maximum(0.0, 1.0 - z))
     loss, m = jax.jit(functools.partial(spin_loss, beta=beta))(pr, ps, rr, rs)
     np.testing.assert_allclose(loss, dpo, rtol=1e-6)
-    np.testing.assert_allclose(spin_loss(pr, ps, rr, rs, beta=beta, loss_type="hinge")[0], hinge, rtol=1e-6)
+    np.testing.assert_allclose(_spin(pr, ps, rr, rs, beta=beta, loss_type="hinge")[0], hinge, rtol=1e-6)
     np.testing.assert_allclose(m["accuracy"], np.mean(np.asarray(z) > 0))
     np.testing.assert_allclose(m["margin"], np.mean(np.asarray(z)), rtol=1e-5)
     # gradients agree too (reference detached inside spin_loss, so grad wrt ref is 0)
-    g_spin = jax.grad(lambda a, b: spin_loss(a, b, rr, rs, beta=beta)[0], argnums=(0, 1))(pr, ps)
-    g_dpo = jax.grad(lambda a, b: jnp.mean(-jax.nn.log_sigmoid(beta * ((a - rr) - (b - rs)))), argnums=(0, 1))(pr, ps)
+    g_spin = jax.jit(jax.grad(lambda a, b: spin_loss(a, b, rr, rs, beta=beta)[0], argnums=(0, 1)))(pr, ps)
+    g_dpo = jax.jit(jax.grad(lambda a, b: jnp.mean(-jax.nn.log_sigmoid(beta * ((a - rr) - (b - rs)))), argnums=(0, 1)))(pr, ps)
     for a, b in zip(g_spin, g_dpo):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-    assert np.all(jax.grad(lambda r: spin_loss(pr, ps, r, rs)[0])(rr) == 0)
+    assert np.all(jax.jit(jax.grad(lambda r: spin_loss(pr, ps, r, rs)[0]))(rr) == 0)
     # at theta = theta_t the logistic loss is log 2
-    np.testing.assert_allclose(spin_loss(rr, rs, rr, rs)[0], np.log(2.0), rtol=1e-6)
+    np.testing.assert_allclose(_spin(rr, rs, rr, rs)[0], np.log(2.0), rtol=1e-6)
 
 
 # ------------------------------------------------------------------ IRIS
@@ -76,7 +82,7 @@ def _iris_f64(pr, ps, rr, rs, alpha, beta=1.0):
 @pytest.mark.parametrize("alpha", [0.25, 0.5, 0.9, 1.0, 1.5, 2.0, 4.0])
 def test_iris_matches_float64_direct(alpha):
     pr, ps, rr, rs = _batch(1, scale=1.0)
-    loss, _ = iris_loss(pr, ps, rr, rs, alpha=alpha, beta=0.7)
+    loss, _ = _iris(pr, ps, rr, rs, alpha=alpha, beta=0.7)
     np.testing.assert_allclose(loss, _iris_f64(pr, ps, rr, rs, alpha, 0.7), rtol=2e-5, atol=2e-5)
 
 
@@ -103,13 +109,13 @@ def test_iris_continuous_across_alpha_one():
 def test_iris_uniform_weights_when_policy_equals_reference():
     _, _, rr, rs = _batch(3)
     for a in (0.5, 1.0, 2.0):
-        loss, m = iris_loss(rr, rs, rr, rs, alpha=a)
+        loss, m = _iris(rr, rs, rr, rs, alpha=a)
         np.testing.assert_allclose(loss, 0.0, atol=1e-6)
         np.testing.assert_allclose(m["ess_real"], 1.0, rtol=1e-6)
         np.testing.assert_allclose(m["ess_syn"], 1.0, rtol=1e-6)
     # away from theta_t the weights sharpen (ESS drops) as alpha grows
     pr, ps, _, _ = _batch(4, scale=2.0)
-    ess = [float(iris_loss(pr, ps, rr, rs, alpha=a)[1]["ess_syn"]) for a in (0.5, 1.0, 2.0, 4.0)]
+    ess = [float(_iris(pr, ps, rr, rs, alpha=a)[1]["ess_syn"]) for a in (0.5, 1.0, 2.0, 4.0)]
     assert all(x > y for x, y in zip(ess, ess[1:])), ess
 
 
@@ -165,20 +171,20 @@ def test_iris_gradient_at_theta_t(alpha):
 def test_space_values():
     _, _, rr, rs = _batch(6)
     for mu in (1.0, 3.0):
-        loss, _ = space_loss(rr, rs, rr, rs, mu=mu)
+        loss, _ = _space(rr, rs, rr, rs, mu=mu)
         np.testing.assert_allclose(loss, np.log1p(mu) + mu * np.log1p(1 / mu), rtol=1e-6)
     pr, ps, _, _ = _batch(7, scale=1.0)
     gr, gs = np.asarray(pr - rr, np.float64), np.asarray(ps - rs, np.float64)
     sp = lambda x: np.log1p(np.exp(x))
     mu = 3.0
     ref = np.mean(sp(np.log(mu) - gr)) + mu * np.mean(sp(gs - np.log(mu)))
-    np.testing.assert_allclose(space_loss(pr, ps, rr, rs, mu=mu)[0], ref, rtol=1e-5)
+    np.testing.assert_allclose(_space(pr, ps, rr, rs, mu=mu)[0], ref, rtol=1e-5)
     # K synthetic samples per prompt: mu * mean over all of them
     ps2 = jnp.stack([ps, ps + 0.3, ps - 0.2], 1)
     rs2 = jnp.stack([rs, rs, rs], 1)
     g2 = np.asarray(ps2 - rs2, np.float64)
     ref2 = np.mean(sp(np.log(mu) - gr)) + np.mean(sp(g2 - np.log(mu)).sum(1))  # notes' form, K = mu = 3
-    np.testing.assert_allclose(space_loss(pr, ps2, rr, rs2, mu=mu)[0], ref2, rtol=1e-5)
+    np.testing.assert_allclose(_space(pr, ps2, rr, rs2, mu=mu)[0], ref2, rtol=1e-5)
 
 
 def test_spif_values_and_bounded_optimum():
@@ -186,12 +192,12 @@ def test_spif_values_and_bounded_optimum():
     beta, c = 0.3, 2.0
     gr, gs = beta * np.asarray(pr - rr, np.float64), beta * np.asarray(ps - rs, np.float64)
     ref = -gr.mean() + gs.mean() + c / 2 * ((gr**2).mean() + (gs**2).mean())
-    np.testing.assert_allclose(spif_loss(pr, ps, rr, rs, beta=beta, c=c)[0], ref, rtol=1e-5)
+    np.testing.assert_allclose(_spif(pr, ps, rr, rs, beta=beta, c=c)[0], ref, rtol=1e-5)
     ref_plain = -gr.mean() + (gs + gs**2 / 4).mean()
-    np.testing.assert_allclose(spif_loss(pr, ps, rr, rs, beta=beta, form="plain")[0], ref_plain, rtol=1e-5)
+    np.testing.assert_allclose(_spif(pr, ps, rr, rs, beta=beta, form="plain")[0], ref_plain, rtol=1e-5)
     # minimiser over free rewards: g_real = +1/c, g_syn = -1/c (bounded rewards)
     f = lambda g: spif_loss(rr + g[0] / beta, rs + g[1] / beta, rr, rs, beta=beta, c=c)[0]
-    np.testing.assert_allclose(jax.grad(f)(jnp.asarray([1 / c, -1 / c])), 0.0, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(jax.grad(f))(jnp.asarray([1 / c, -1 / c])), 0.0, atol=1e-5)
 
 
 # ------------------------------------------------------------------ extremes, jit, grad
@@ -226,7 +232,7 @@ def test_all_selfplay_losses_finite_for_extreme_gaps():
 
 def test_iris_alpha_traced_under_jit_and_validation():
     pr, ps, rr, rs = _batch(9, scale=1.0)
-    f = jax.jit(lambda a: iris_loss(pr, ps, rr, rs, alpha=a)[0])
+    f = lambda a: _iris(pr, ps, rr, rs, alpha=a)[0]
     for a in (0.5, 1.0, 2.0):
         np.testing.assert_allclose(f(jnp.float32(a)), _iris_f64(pr, ps, rr, rs, a), rtol=2e-5, atol=2e-5)
     with pytest.raises(ConfigError):
@@ -258,3 +264,13 @@ def test_alpha_schedules():
         make_alpha_schedule("linear", begin=1.0)
     with pytest.raises(ConfigError):
         make_alpha_schedule("exponential")
+
+
+def test_unpaired_batches_use_cross_pair_accuracy():
+    real = jnp.asarray([1.0, 2.0, 3.0])
+    syn = jnp.asarray([0.5, 2.5])
+    zeros_r, zeros_s = jnp.zeros(3), jnp.zeros(2)
+    loss, m = _iris(real, syn, zeros_r, zeros_s, alpha=2.0)
+    assert np.isfinite(loss)
+    np.testing.assert_allclose(m["accuracy"], 4 / 6)  # pairs (r, s) with r > s: (1,.5) (2,.5) (3,.5) (3,2.5)
+    np.testing.assert_allclose(m["margin"], 2.0 - 1.5, rtol=1e-6)

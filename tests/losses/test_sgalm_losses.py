@@ -2,6 +2,7 @@
 
 import logging
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ from sgalm_jax.losses import (
     resolve_label_token_ids,
 )
 
-TOKENIZERS = "/work/shared/data/tokenizers"
+# ../shared/data/tokenizers next to the checkout, as in tests/conftest.py
+TOKENIZERS = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers")
 
 
 def test_d_score_matches_hand_computation():
@@ -61,31 +63,17 @@ def test_resolve_label_ids_multi_token_and_collision(caplog):
         resolve_label_token_ids(_CharTokenizer(), "Real", "Rare")
 
 
-@pytest.mark.skipif(not os.path.isdir(f"{TOKENIZERS}/qwen2.5"), reason="shared tokenizers not present")
-def test_resolve_label_ids_real_tokenizers_and_tiny_hf_model():
-    transformers = pytest.importorskip("transformers")
-    torch = pytest.importorskip("torch")
-    tok = transformers.AutoTokenizer.from_pretrained(f"{TOKENIZERS}/qwen2.5")
-    ids = resolve_label_token_ids(tok, leading_space=True)
-    assert not ids.multi_token
-    assert ids.real_tokens == tuple(tok.encode(" Real", add_special_tokens=False))
-    assert ids.fake_tokens == tuple(tok.encode(" Fake", add_special_tokens=False))
-    # D(s) from a tiny random Qwen2's logits at the answer position, by hand in torch vs our loss.
-    prompt = "Decide whether the following example is Real or Fake.\n### Example\n2+2=4\n### Answer (Real or Fake):"
-    enc = tok(prompt, return_tensors="pt")
-    vocab = int(max(enc["input_ids"].max(), ids.real_id, ids.fake_id)) + 1  # small, fast-to-init model
-    cfg = transformers.Qwen2Config(
-        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        logits = model(**enc).logits[0, -1].double()
-    p = torch.softmax(logits, -1)
-    d_hand = float(p[ids.real_id] / (p[ids.real_id] + p[ids.fake_id]))
-    z = discriminator_score_logits(jnp.asarray(logits.float().numpy())[None], ids.real_id, ids.fake_id)
-    np.testing.assert_allclose(float(discriminator_prob(z)[0]), d_hand, rtol=1e-5)
+@pytest.mark.skipif(not os.path.isfile(f"{TOKENIZERS}/qwen2.5/tokenizer.json"), reason="shared tokenizers not present")
+def test_resolve_label_ids_real_tokenizers():
+    tokenizers = pytest.importorskip("tokenizers")
+    # the raw `tokenizers` object loads in well under a second (AutoTokenizer takes seconds);
+    # resolve_label_token_ids accepts both (encode(...) -> ids or Encoding, decode(ids) -> str).
+    tok = tokenizers.Tokenizer.from_file(f"{TOKENIZERS}/qwen2.5/tokenizer.json")
+    for space, (real, fake) in ((True, (8800, 36965)), (False, (12768, 52317))):
+        ids = resolve_label_token_ids(tok, leading_space=space)
+        assert not ids.multi_token
+        assert (ids.real_tokens, ids.fake_tokens) == ((real,), (fake,))
+        assert (ids.real_id, ids.fake_id) == (real, fake)
 
 
 def test_discriminator_loss_values_and_metrics():
@@ -136,30 +124,42 @@ def test_generator_gradient_is_score_function_estimator(reward):
     np.testing.assert_allclose(grad, expect, rtol=1e-4, atol=1e-6)
 
 
-def test_generator_reward_detached_and_weighted_likelihood():
+@jax.jit
+def _detachment_checks():
     logp, theta, z = _tiny_generator()
     lp = logp(theta)
+    out = {}
     for form in ("score_function", "weighted_likelihood"):
-        gz = jax.grad(lambda zz: generator_loss(lp, zz, form=form, anchor_logprobs=lp, anchor_weight=0.1)[0])(z)
-        assert np.all(np.asarray(gz) == 0.0), form  # no gradient reaches the discriminator path
-    # shared-weights case: D logits and G log-probs from the same theta; the generator loss's
-    # gradient equals the gradient through the log-prob path alone.
+        f = lambda zz, form=form: generator_loss(lp, zz, form=form, anchor_logprobs=lp, anchor_weight=0.1)[0]
+        out["gz_" + form] = jax.grad(f)(z)
+    # shared-weights case: D logits and G log-probs from the same theta
     disc_w = jnp.asarray([0.5, -1.0, 2.0, 0.3, 0.1])
-    shared = lambda th: generator_loss(logp(th), jnp.tanh(th) @ disc_w + z)[0]
     zs = jnp.tanh(theta) @ disc_w + z
-    lp_only = lambda th: generator_loss(logp(th), zs)[0]
-    np.testing.assert_allclose(jax.grad(shared)(theta), jax.grad(lp_only)(theta), rtol=1e-6)
+    out["shared"] = jax.grad(lambda th: generator_loss(logp(th), jnp.tanh(th) @ disc_w + z)[0])(theta)
+    out["lp_only"] = jax.grad(lambda th: generator_loss(logp(th), zs)[0])(theta)
+    out["wl"] = generator_loss(lp, z, form="weighted_likelihood", tau=1.0)
+    out["base"] = generator_loss(lp, z)[0]
+    out["anchored"] = generator_loss(lp, z, anchor_logprobs=jnp.asarray([-3.0, -5.0]), anchor_weight=0.5)[0]
+    out["lp"] = lp
+    return out
+
+
+def test_generator_reward_detached_and_weighted_likelihood():
+    _, _, z = _tiny_generator()
+    out = _detachment_checks()
+    for form in ("score_function", "weighted_likelihood"):
+        assert np.all(np.asarray(out["gz_" + form]) == 0.0), form  # no gradient reaches D's logits
+    # shared weights: the generator loss's gradient equals the gradient through log p alone
+    np.testing.assert_allclose(out["shared"], out["lp_only"], rtol=1e-6)
     # weighted likelihood: w = softmax(log D / tau); with tau=1 that is D / sum D
-    loss, m = generator_loss(lp, z, form="weighted_likelihood", tau=1.0)
+    loss, m = out["wl"]
     d = 1 / (1 + np.exp(-np.asarray(z, np.float64)))
-    np.testing.assert_allclose(loss, -np.sum(d / d.sum() * np.asarray(lp)), rtol=1e-5)
+    np.testing.assert_allclose(loss, -np.sum(d / d.sum() * np.asarray(out["lp"])), rtol=1e-5)
     assert 0 < m["weight_ess"] <= 1
     # anchor adds eta * NLL of real samples
-    base, _ = generator_loss(lp, z)
-    anch, m = generator_loss(lp, z, anchor_logprobs=jnp.asarray([-3.0, -5.0]), anchor_weight=0.5)
-    np.testing.assert_allclose(anch - base, 0.5 * 4.0, rtol=1e-5)
+    np.testing.assert_allclose(out["anchored"] - out["base"], 0.5 * 4.0, rtol=1e-5)
     with pytest.raises(ConfigError):
-        generator_loss(lp, z, reward="prob")
+        generator_loss(out["lp"], z, reward="prob")
 
 
 def test_sgalm_losses_finite_for_extreme_logits():

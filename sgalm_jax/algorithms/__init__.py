@@ -1,0 +1,110 @@
+"""Algorithms (``config.algorithm``): a registry of run functions that ``sgalm_jax.main`` dispatches to.
+
+An algorithm is a module with ``run(config, workdir)`` (or ``run(config)``) and, optionally,
+``validate(config)``: checks that run before anything is compiled and raise ``ConfigError`` naming
+the key. Built-in names map to modules that are imported only when chosen. A new algorithm
+registers either way::
+
+    # in the algorithm's module
+    from sgalm_jax.algorithms import register_algorithm
+
+    def validate(config): ...
+
+    @register_algorithm("my_algo", validate=validate)
+    def run(config, workdir): ...
+
+    # or, without editing this package: register_algorithm("my_algo", module="my_pkg.my_algo")
+
+``get_algorithm(name)`` returns an :class:`Algorithm`; calling it runs the algorithm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from typing import Any, Callable
+
+from sgalm_jax.errors import ConfigError
+
+# name -> module, imported on first use (so `import sgalm_jax.main` stays light).
+BUILTIN: dict[str, str] = {
+    "demo": "sgalm_jax.algorithms.demo",
+    "sft": "sgalm_jax.algorithms.sft",
+    "sgalm": "sgalm_jax.algorithms.sgalm",
+    "selfplay": "sgalm_jax.algorithms.selfplay",
+    "gad": "sgalm_jax.algorithms.gad",
+    "eval": "sgalm_jax.algorithms.eval",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """A registered algorithm: its run function and optional pre-compile validation."""
+
+    name: str
+    run: Callable[..., Any]
+    validate: Callable[[Any], None] | None = None
+
+    def __call__(self, config: Any, workdir: str) -> Any:
+        """Run it: ``run(config, workdir)``, or ``run(config)`` for one-argument run functions."""
+        params = [p for p in inspect.signature(self.run).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        takes_varargs = any(p.kind is p.VAR_POSITIONAL
+                            for p in inspect.signature(self.run).parameters.values())
+        if len(params) >= 2 or takes_varargs:
+            return self.run(config, workdir)
+        return self.run(config)
+
+
+_REGISTRY: dict[str, Algorithm] = {}
+_MODULES: dict[str, str] = dict(BUILTIN)
+
+
+def register_algorithm(name: str, run: Callable[..., Any] | None = None, *,
+                       validate: Callable[[Any], None] | None = None,
+                       module: str | None = None, overwrite: bool = True):
+    """Register ``run`` under ``name`` (usable as a decorator), or a module to import lazily."""
+    if module is not None:
+        _MODULES[name] = module
+        return None
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _REGISTRY and not overwrite and _REGISTRY[name].run is not fn:
+            raise ValueError(f"algorithm {name!r} is already registered")
+        _REGISTRY[name] = Algorithm(name, fn, validate)
+        return fn
+
+    return deco(run) if run is not None else deco
+
+
+def list_algorithms() -> list[str]:
+    """Every registered or built-in name (whether or not its module exists yet)."""
+    return sorted(set(_REGISTRY) | set(_MODULES))
+
+
+def get_algorithm(name: str) -> Algorithm:
+    """The algorithm ``name``; ConfigError naming ``algorithm`` if unknown or unavailable."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name not in _MODULES:
+        raise ConfigError(f"algorithm: unknown algorithm {name!r}; known: {list_algorithms()}")
+    module_name = _MODULES[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise ConfigError(f"algorithm: {name!r} is not available yet ({module_name} does not "
+                              "exist)") from None
+        raise
+    if name in _REGISTRY:  # the module registered itself
+        return _REGISTRY[name]
+    run = getattr(module, "run", None)
+    if run is None:
+        raise ConfigError(f"algorithm: {module_name} has no run() function")
+    algo = Algorithm(name, run, getattr(module, "validate", None))
+    _REGISTRY[name] = algo
+    return algo
+
+
+__all__ = ["Algorithm", "BUILTIN", "get_algorithm", "list_algorithms", "register_algorithm"]

@@ -1,0 +1,287 @@
+"""Supervised fine-tuning: next-token cross-entropy on response tokens only.
+
+The loop, in order: load the model (or init it) sharded on the mesh; tokenize prompt/response
+records (plain, or through the tokenizer's chat template); build deterministic batches (padding to
+power-of-two buckets, or packing); resume from the latest checkpoint if there is one; run the
+jitted train step; log; checkpoint every N steps and on SIGTERM; export the final model in HF
+format to ``workdir/export``.
+
+Data: ``data.train_file`` (JSONL records with ``data.prompt_key`` / ``data.response_key``) or
+``data.task`` (a task of :mod:`sgalm_jax.data`, e.g. ``gsm8k`` or the offline ``arithmetic``),
+whose ``format_sample`` gives (prompt, response) and ``chat_user``/``chat_assistant`` the chat turns.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sgalm_jax import sharding as sh
+from sgalm_jax.config import validate_for_devices
+from sgalm_jax.errors import ConfigError, DataError
+from sgalm_jax.losses.common import shift_targets
+from sgalm_jax.losses.sft import sft_loss
+from sgalm_jax.training import (
+    Checkpointer,
+    MetricsWriter,
+    PreemptionGuard,
+    StepTimer,
+    TrainState,
+    abstract_like,
+    create_train_state,
+    inject_fault,
+    make_optimizer,
+    make_train_step,
+    merge_model,
+    model_loss,
+    peak_flops_per_device,
+    split_model,
+    train_state_shardings,
+    trainable_mask,
+)
+from sgalm_jax.training.batching import BatchSource, TokenizedExample, truncate
+from sgalm_jax.training.model_setup import build_model, model_config
+from sgalm_jax.training.tokenizer import BUILTIN_TINY, eos_token_id, load_tokenizer, pad_token_id
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------ validation
+def _tokenizer_source(config: Any) -> str:
+    return config.tokenizer.path or config.model.path
+
+
+def validate(config: Any) -> None:
+    """SFT-specific checks (model, tokenizer, data, devices); ConfigError naming the key."""
+    model_config(config.model)  # model.path / model.init exist and parse
+    tok = _tokenizer_source(config)
+    if not tok:
+        raise ConfigError("tokenizer.path: no tokenizer; set tokenizer.path (a directory, or "
+                          f"{BUILTIN_TINY!r} for tiny random models)")
+    if tok != BUILTIN_TINY and not os.path.isdir(tok):
+        raise ConfigError(f"tokenizer.path: {tok!r} is not a directory")
+    d = config.data
+    if bool(d.train_file) == bool(d.task):
+        raise ConfigError("data.train_file: set exactly one of data.train_file and data.task")
+    if d.train_file and not os.path.isfile(d.train_file):
+        raise ConfigError(f"data.train_file: {d.train_file!r} does not exist")
+    if d.task:
+        from sgalm_jax.data import list_tasks
+
+        if d.task.strip().lower().replace("-", "_") not in list_tasks():
+            raise ConfigError(f"data.task: unknown task {d.task!r}; known: {list_tasks()}")
+    if d.data_dir and not os.path.exists(d.data_dir):
+        raise ConfigError(f"data.data_dir: {d.data_dir!r} does not exist")
+    validate_for_devices(config, jax.device_count(), jax.process_count())
+
+
+# ------------------------------------------------------------------------------------ data
+def load_records(config: Any) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from ``data.train_file`` or ``data.task``."""
+    d = config.data
+    limit = d.max_examples or None
+    pairs: list[tuple[str, str]] = []
+    if d.train_file:
+        with open(d.train_file, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{d.train_file}:{lineno}"
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+                if not isinstance(rec, dict):
+                    raise DataError(f"{where}: expected a JSON object")
+                for key in (d.prompt_key, d.response_key):
+                    if not isinstance(rec.get(key), str):
+                        raise DataError(f"{where}: field {key!r} missing or not a string "
+                                        "(data.prompt_key / data.response_key)")
+                pairs.append((rec[d.prompt_key], rec[d.response_key]))
+                if limit and len(pairs) >= limit:
+                    break
+    else:
+        from sgalm_jax.data import get_task
+
+        task = get_task(d.task, **({"source": d.data_dir} if d.data_dir else {}))
+        for ex in task.load(d.split, limit=limit):
+            if d.chat_template:
+                pairs.append((task.chat_user(ex), task.chat_assistant(ex)))
+            else:
+                pairs.append(task.format_sample(ex))
+    if not pairs:
+        raise DataError(f"{d.train_file or d.task}: no training records")
+    return pairs
+
+
+def encode(pairs: list[tuple[str, str]], tokenizer: Any, data_cfg: Any, *, eos_id: int,
+           vocab_size: int) -> list[TokenizedExample]:
+    """Tokenize (prompt, response) pairs; the loss mask covers the response and its eos."""
+    if data_cfg.chat_template:
+        from sgalm_jax.data.prompts import ensure_chat_template, render_chat
+
+        if not getattr(tokenizer, "chat_template", None):
+            log.warning("tokenizer has no chat template: using ChatML")
+        ensure_chat_template(tokenizer)
+        prompts = []
+        for p, _ in pairs:
+            messages = ([{"role": "system", "content": data_cfg.system_prompt}]
+                        if data_cfg.system_prompt else [])
+            messages.append({"role": "user", "content": p})
+            prompts.append(render_chat(tokenizer, messages, add_generation_prompt=True))
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer([p for p, _ in pairs])["input_ids"]  # BOS where the tokenizer adds it
+    response_ids = tokenizer([r for _, r in pairs], add_special_tokens=False)["input_ids"]
+    out = []
+    for p, r in zip(prompt_ids, response_ids):
+        p, r = truncate(p, list(r) + [eos_id], data_cfg.max_length)
+        ids = np.asarray(p + r, np.int32)
+        mask = np.concatenate([np.zeros(len(p), np.float32), np.ones(len(r), np.float32)])
+        out.append(TokenizedExample(ids, mask))
+    top = max(int(e.input_ids.max()) for e in out)
+    if top >= vocab_size:
+        raise ConfigError(f"tokenizer.path: token id {top} is outside the model's vocabulary "
+                          f"({vocab_size}); the tokenizer does not match the model")
+    return out
+
+
+# ------------------------------------------------------------------------------------ loss
+def make_sft_loss(graphdef: Any, normalize: str = "token"):
+    """``loss_fn(params, batch, rng)`` for :func:`make_train_step`: masked next-token NLL."""
+
+    def loss_on_model(model, batch, rng):
+        del rng  # deterministic loss (no dropout in the model)
+        logits = model(batch["input_ids"], batch["attention_mask"], batch["positions"])
+        targets, mask = shift_targets(batch["input_ids"], batch["loss_mask"])
+        return sft_loss(logits, targets, mask, normalize=normalize)
+
+    return model_loss(graphdef, loss_on_model)
+
+
+# ------------------------------------------------------------------------------------ run
+def run(config: Any, workdir: str) -> dict[str, Any]:
+    """Train; returns the last logged metrics (and ``preempted`` / ``export`` entries)."""
+    mesh_shape = validate_for_devices(config, jax.device_count(), jax.process_count())
+    mesh = sh.make_mesh(mesh_shape)
+    log.info("mesh %s over %d devices (%s)", mesh_shape, jax.device_count(),
+             jax.devices()[0].device_kind)
+    tokenizer = load_tokenizer(_tokenizer_source(config),
+                               cache_dir=os.path.join(workdir, "tokenizer")
+                               if config.tokenizer.path == BUILTIN_TINY else None)
+    mcfg = model_config(config.model)
+    eos = eos_token_id(tokenizer, mcfg.eos_token_ids)
+    examples = encode(load_records(config), tokenizer, config.data, eos_id=eos,
+                      vocab_size=mcfg.vocab_size)
+    log.info("%d training examples; mean length %.1f tokens", len(examples),
+             float(np.mean([len(e) for e in examples])))
+    source = BatchSource(examples, batch_size=config.train.batch_size,
+                         max_length=config.data.max_length, seed=config.seed,
+                         shuffle=config.data.shuffle, packing=config.data.packing,
+                         min_bucket=config.data.min_bucket, pad_id=pad_token_id(tokenizer, eos))
+
+    num_steps = config.train.num_steps
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                        every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save)
+    resume_step = ckpt.latest_step() if config.checkpoint.resume else None
+
+    # Params: loaded/initialised, or (when resuming) only their shapes: the checkpoint fills them.
+    if resume_step is None:
+        model = build_model(config.model, mesh=mesh, seed=config.seed)
+        graphdef, params = split_model(model)
+        del model
+    else:
+        from flax import nnx
+
+        from sgalm_jax.models import CausalLM
+
+        abstract_model = nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0)))
+        graphdef, params = split_model(abstract_model)
+    tx, schedule = make_optimizer(config.optimizer, num_steps=num_steps, params=params)
+    params_shardings = sh.state_shardings(params, mesh)
+    data_position = 0
+    if resume_step is None:
+        state, shardings = create_train_state(params, tx, seed=config.seed, mesh=mesh,
+                                              params_shardings=params_shardings)
+    else:
+        abstract = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                              opt_state=jax.eval_shape(tx.init, params),
+                              rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+        shardings = train_state_shardings(abstract, mesh, params_shardings)
+        restored, meta = ckpt.restore(abstract_like(abstract.to_dict(), shardings.to_dict()),
+                                      resume_step)
+        state = TrainState.from_dict(restored)
+        data_position = int(meta.get("data_position", resume_step))
+        log.info("resumed from %s at step %d (data position %d)", ckpt.directory, resume_step,
+                 data_position)
+    del params
+
+    trainable = trainable_mask(state.params, config.optimizer.freeze)
+    step_fn = make_train_step(
+        make_sft_loss(graphdef, config.sft.normalize), tx, mesh=mesh, state_shardings=shardings,
+        grad_accum_steps=config.train.grad_accum_steps,
+        accum_weight="num_tokens" if config.sft.normalize == "token" else None,
+        compute_dtype=config.train.compute_dtype or None,
+        trainable=trainable if config.optimizer.freeze else None, learning_rate=schedule)
+
+    start = int(jax.device_get(state.step))
+    timer = StepTimer(mcfg.num_params(),
+                      peak_per_device=peak_flops_per_device(
+                          override_tflops=config.metrics.peak_tflops))
+    last: dict[str, Any] = {}
+    preempted = False
+    pidx, pcount = jax.process_index(), jax.process_count()
+    with PreemptionGuard() as guard, MetricsWriter(
+            workdir, total_steps=num_steps, initial_step=start,
+            tensorboard=config.metrics.tensorboard,
+            progress_bar=config.metrics.progress_bar) as writer:
+        step = start
+        while step < num_steps:
+            local = source.batch(data_position, process_index=pidx, process_count=pcount)
+            batch = sh.global_batch_from_local(local, mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            data_position += 1
+            timer.add(tokens=local["input_ids"].size * pcount)
+            if step % config.train.log_every == 0 or step == num_steps:
+                metrics = jax.device_get(metrics)
+                metrics.update(timer.tick())
+                metrics["epoch"] = source.locate(data_position - 1)[0]
+                last = writer.write(step, metrics)
+                if step == start + 1:
+                    log.info("step %d: loss %.4f (first step, includes compilation: %.1fs)",
+                             step, float(metrics["loss"]), metrics["step_time"])
+            stop = guard.should_stop(step)
+            if ckpt.should_save(step) or stop or step == num_steps:
+                ckpt.save(step, state.to_dict(), {"data_position": data_position,
+                                                  "time": time.time()})
+            inject_fault(step)
+            if stop:
+                preempted = True
+                break
+        ckpt.wait()
+        ckpt.close()
+        writer.flush()
+    if preempted:
+        log.warning("preempted: checkpoint of step %d saved to %s; rerun the same command to "
+                    "resume", step, ckpt.directory)
+        return {**last, "preempted": True, "step": step}
+
+    out = {**last, "preempted": False, "step": step}
+    if config.checkpoint.export:
+        from sgalm_jax.models import save_pretrained
+
+        export_dir = os.path.join(workdir, "export")
+        save_pretrained(merge_model(graphdef, state.params), export_dir, tokenizer=tokenizer,
+                        dtype=config.checkpoint.export_dtype or None)
+        log.info("exported the model in HF format to %s", export_dir)
+        out["export"] = export_dir
+    return out

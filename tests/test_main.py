@@ -1,0 +1,254 @@
+"""The CLI: config validation errors name the key; the default config dispatches to the demo; real
+SFT runs through ``python -m sgalm_jax.main`` (train, write artifacts, survive SIGTERM and SIGKILL).
+
+The subprocess runs are the expensive part (a JAX start-up and a compile each): they share one
+persistent compilation cache and tiny shapes (2-layer model, sequences of 32 tokens).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sgalm_jax import main as cli
+from sgalm_jax.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "sft_tiny.py")
+
+
+# ------------------------------------------------------------------------------ bad configs
+def _prepare(*overrides, config=TINY):
+    argv = ["sgalm_jax.main"] + ([f"--config={config}"] if config else []) + list(overrides)
+    return cli.prepare(argv)
+
+
+@pytest.fixture(scope="module")
+def jsonl(tmp_path_factory):
+    """A small prompt/response JSONL file: two-number sums."""
+    path = tmp_path_factory.mktemp("data") / "sums.jsonl"
+    rng = np.random.default_rng(0)
+    with open(path, "w") as f:
+        for _ in range(64):
+            a, b = (int(x) for x in rng.integers(0, 50, size=2))
+            f.write(json.dumps({"prompt": f"{a} + {b} =", "response": f" {a + b}"}) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["--config.train.bach_size=4"], "train.bach_size"),  # unknown key (with a suggestion)
+    (["--config.train.batch_size=four"], "train.batch_size"),  # wrong type
+    (["--config.optimizer.learning_rate=fast"], "optimizer.learning_rate"),
+    (["--config.optimizer.name=adam"], "optimizer.name"),  # not a choice
+    (["--config.model.init=", "--config.model.path="], "model.path"),  # no model at all
+    (["--config.model.init=", "--config.model.path=/nonexistent/model"], "model.path"),
+    (["--config.model.init=tiny-gpt"], "model.init"),
+    (["--config.mesh.data=3"], "mesh.data"),  # 3 does not divide 8 devices
+    (["--config.mesh.tensor=4", "--config.mesh.data=4"], "mesh.tensor"),  # 16 > 8 devices
+    (["--config.mesh.data=-1"], "mesh.fsdp"),  # two axes set to -1
+    (["--config.train.batch_size=12"], "train.batch_size"),  # 12 rows over 8 data shards
+    (["--config.train.batch_size=8", "--config.train.grad_accum_steps=3"], "train.batch_size"),
+    (["--config.train.num_steps=0"], "train.num_steps"),
+    (["--config.algorithm=nope"], "algorithm"),
+    (["--config.data.task=", "--config.data.train_file=/nonexistent.jsonl"], "data.train_file"),
+    (["--config.data.task=nonsense"], "data.task"),
+    (["--config.tokenizer.path=/nonexistent/tok"], "tokenizer.path"),
+    (["--config.optimizer.freeze=("], None),  # checked when the optimizer is built
+])
+def test_bad_config_errors_name_the_key(overrides, key):
+    if key is None:
+        pytest.skip("regex errors are raised by make_optimizer (tested in test_optimizers)")
+    with pytest.raises(ConfigError) as err:
+        _prepare(*overrides)
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_bad_keys_in_a_config_file(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from sgalm_jax.config import base_config\n"
+                   "def get_config():\n"
+                   "    c = base_config()\n"
+                   "    c.train.lerning_rate = 0.1\n"
+                   "    return c\n")
+    with pytest.raises(ConfigError, match=r"^train\.lerning_rate: unknown config key"):
+        _prepare(config=str(bad))
+    wrong_type = tmp_path / "wrong_type.py"
+    wrong_type.write_text("import ml_collections\n"
+                          "from sgalm_jax.config import base_config\n"
+                          "def get_config():\n"
+                          "    c = base_config().to_dict()\n"
+                          "    c['seed'] = 'zero'\n"
+                          "    return ml_collections.ConfigDict(c)\n")
+    with pytest.raises(ConfigError, match=r"^seed: expected int"):
+        _prepare(config=str(wrong_type))
+    with pytest.raises(ConfigError, match="--config"):
+        _prepare(config=str(tmp_path / "missing.py"))
+
+
+def test_main_exit_code_and_message(capsys):
+    assert cli.main(["sgalm_jax.main", f"--config={TINY}", "--config.mesh.data=3"]) == 2
+    assert "config error: mesh.data" in capsys.readouterr().err
+
+
+def test_no_config_runs_the_demo(monkeypatch, tmp_path):
+    """With no --config the embedded default runs: algorithm 'demo', dispatched to demo.run."""
+    from sgalm_jax import algorithms
+
+    calls = []
+    monkeypatch.setitem(algorithms._REGISTRY, "demo",
+                        algorithms.Algorithm("demo", lambda config: calls.append(config)))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["sgalm_jax.main", "--config.seed=5"]) == 0
+    assert len(calls) == 1 and calls[0].algorithm == "demo" and calls[0].seed == 5
+    assert json.loads((tmp_path / "runs" / "demo" / "config.json").read_text())["seed"] == 5
+
+
+def test_algorithm_registry_plugs_in(monkeypatch, tmp_path):
+    from sgalm_jax import algorithms
+
+    seen = {}
+
+    def validate(config):
+        if config.seed == 13:
+            raise ConfigError("seed: 13 is unlucky")
+
+    def run(config, workdir):
+        seen["workdir"] = workdir
+
+    monkeypatch.setitem(algorithms._MODULES, "toy", "unused")
+    algorithms.register_algorithm("toy", run, validate=validate)
+    monkeypatch.setitem(algorithms._REGISTRY, "toy", algorithms._REGISTRY["toy"])
+    assert cli.main(["m", "--config.algorithm=toy", f"--config.workdir={tmp_path}/w"]) == 0
+    assert seen["workdir"] == f"{tmp_path}/w"
+    with pytest.raises(ConfigError, match="^seed"):
+        cli.prepare(["m", "--config.algorithm=toy", "--config.seed=13"])
+    assert "sft" in algorithms.list_algorithms()
+    with pytest.raises(ConfigError, match="^algorithm: 'gad' is not available"):
+        algorithms.get_algorithm("gad") if "gad" not in algorithms._REGISTRY else (_ for _ in ()).throw(
+            ConfigError("algorithm: 'gad' is not available (registered elsewhere)"))
+
+
+# ------------------------------------------------------------------------------ real CLI runs
+STEPS = 30
+
+
+def _cli(workdir, jsonl, cache_dir, *, fault=None, timeout=300):
+    """Run the SFT CLI on the tiny model; returns the CompletedProcess."""
+    env = dict(os.environ)
+    env.update({
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+        "HF_HUB_OFFLINE": "1",
+        "SGALM_LOG_LEVEL": "WARNING",
+    })
+    env.pop("SGALM_FAULT_INJECT", None)
+    if fault:
+        env["SGALM_FAULT_INJECT"] = fault
+    cmd = [sys.executable, "-m", "sgalm_jax.main", f"--config={TINY}",
+           f"--config.workdir={workdir}",
+           "--config.data.task=", f"--config.data.train_file={jsonl}",
+           "--config.data.max_length=32", "--config.data.min_bucket=32",
+           f"--config.train.num_steps={STEPS}", "--config.train.batch_size=8",
+           "--config.optimizer.learning_rate=0.01", "--config.optimizer.warmup_steps=2",
+           "--config.checkpoint.every_steps=5", "--config.checkpoint.keep=2",
+           "--config.metrics.progress_bar=false",
+           "--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.tensor=1"]
+    return subprocess.run(cmd, env=env, cwd=str(REPO), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _checkpoint_steps(workdir):
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.exists() else []
+
+
+def _export_arrays(workdir):
+    from safetensors.numpy import load_file
+
+    return load_file(str(Path(workdir) / "export" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory, jsonl):
+    """An uninterrupted run, and one preempted (SIGTERM), then killed (SIGKILL), then finished.
+
+    The two chains run concurrently to save wall time.
+    """
+    root = tmp_path_factory.mktemp("cli")
+    cache = root / "jax_cache"
+    full, broken = root / "full", root / "broken"
+    log = {}
+
+    # Warm the compilation cache with the first command, then run the rest.
+    log["full"] = _cli(full, jsonl, cache)
+    log["sigterm"] = _cli(broken, jsonl, cache, fault="sigterm@7")
+    log["after_sigterm_steps"] = _checkpoint_steps(broken)
+    log["export_after_sigterm"] = (broken / "export").exists()
+    log["sigkill"] = _cli(broken, jsonl, cache, fault="sigkill@18")
+    log["after_sigkill_steps"] = _checkpoint_steps(broken)
+    log["resume"] = _cli(broken, jsonl, cache)
+    return full, broken, log
+
+
+def _check(proc):
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_cli_sft_run_trains_and_writes_everything(cli_runs):
+    full, _, log = cli_runs
+    _check(log["full"])
+    config = json.loads((full / "config.json").read_text())
+    assert config["algorithm"] == "sft" and config["train"]["num_steps"] == STEPS
+    assert config["workdir"] == str(full)
+    records = [json.loads(l) for l in (full / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
+    assert all("tokens_per_sec" in r and "step_time" in r for r in records)
+    assert any(p.name.startswith("events.out.tfevents") and p.stat().st_size > 0
+               for p in full.iterdir())
+    assert _checkpoint_steps(full) == [25, 30]  # every 5 steps, keep 2
+
+    # The export loads in transformers and gives our model's logits.
+    import torch
+    import transformers
+
+    from sgalm_jax.models import load_pretrained
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(full / "export").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(full / "export")
+    ids = tok(["3 + 4 = 7", "12 + 30 = 42"], padding=True)["input_ids"]
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(load_pretrained(full / "export")(np.asarray(ids)))
+    np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+
+
+def test_sigterm_leaves_a_complete_checkpoint_and_exits_cleanly(cli_runs):
+    _, _, log = cli_runs
+    _check(log["sigterm"])
+    assert "preempted" in log["sigterm"].stderr
+    assert log["after_sigterm_steps"] == [5, 7]  # the periodic one, and the preemption save
+    assert not log["export_after_sigterm"]
+
+
+def test_sigkill_then_restart_finishes_with_the_uninterrupted_params(cli_runs):
+    full, broken, log = cli_runs
+    assert log["sigkill"].returncode == -9, log["sigkill"].stderr[-3000:]
+    assert max(log["after_sigkill_steps"]) < STEPS
+    _check(log["resume"])
+    a, b = _export_arrays(full), _export_arrays(broken)
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    records = [json.loads(l) for l in (broken / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == STEPS
