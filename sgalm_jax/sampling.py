@@ -348,7 +348,7 @@ class Sampler:
     def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, *, cache_dtype: Any = None,
                  min_prompt_bucket: int = 16, min_batch_bucket: int = 1,
                  max_batch_size: int | None = None, pad_token_id: int | None = None,
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None, compiler_options: Mapping[str, Any] | None = None):
         self.graphdef = graphdef
         self.config = config
         self.cache_dtype = resolve_dtype(cache_dtype, "cache_dtype")
@@ -358,6 +358,7 @@ class Sampler:
         pad = config.pad_token_id if pad_token_id is None else pad_token_id
         self.pad_token_id = int(pad if pad is not None else 0)
         self.mesh = mesh
+        self.compiler_options = dict(compiler_options) if compiler_options else None
         self._programs: dict[tuple, tuple[Any, Any]] = {}
 
     @classmethod
@@ -384,8 +385,11 @@ class Sampler:
         key = (prog.batch, prog.prompt_len, prog.num_samples, prog.max_new, prog.mode,
                prog.stop_ids, prog.pad_id, jnp.dtype(prog.cache_dtype).name, mesh)
         if key not in self._programs:
-            prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh))
-            decode = jax.jit(functools.partial(_decode, self.graphdef, prog), donate_argnums=(1,))
+            opts = self.compiler_options
+            prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh),
+                              compiler_options=opts)
+            decode = jax.jit(functools.partial(_decode, self.graphdef, prog), donate_argnums=(1,),
+                             compiler_options=opts)
             self._programs[key] = (prefill, decode)
         return self._programs[key]
 
