@@ -405,8 +405,7 @@ def load_config_json(path: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         data = json.load(f)
     config = base_config()
-    config.update_from_flattened_dict(
-        {k: v for k, v in _flatten_plain(data)}) if data else None
+    config.update_from_flattened_dict(dict(_flatten_plain(data)))
     validate_config(config)
     return config
 

@@ -96,6 +96,28 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
     return chosen - jax.nn.logsumexp(logits, axis=-1)
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+    """First index of the maximum over the last axis, as int32.
+
+    Same result as ``jnp.argmax`` (for finite inputs), written as two plain reductions (max, then
+    the smallest index attaining it), which XLA vectorises; ``jnp.argmax``'s variadic reduce was
+    2-3x slower on CPU over a vocabulary-sized axis.
+    """
+    top = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == top, iota, x.shape[-1]), axis=-1)
+
+
+def _greedy(logits: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Argmax tokens and their log-softmax, sharing one max over the vocabulary."""
+    logits = logits.astype(jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    tokens = jnp.min(jnp.where(logits == top, iota, logits.shape[-1]), axis=-1)
+    lse = jnp.log(jnp.sum(jnp.exp(logits - top), axis=-1))
+    return tokens, -lse  # the chosen logit is the max: log p = top - (top + lse)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Mode:
     """The static (compile-time) part of the sampling settings; temperature and top_p are traced."""
@@ -120,10 +142,11 @@ def _make_mode(temperature: float, top_k: int | None, top_p: float | None) -> _M
 def _select(key: jax.Array, logits: jax.Array, mode: _Mode, temperature, top_p) -> jax.Array:
     """Next tokens [B] from logits [B, V] under ``mode`` (the composition of the pieces above)."""
     if mode.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return _argmax(logits)
     vocab = logits.shape[-1]
-    if mode.top_k is None and not mode.top_p:
-        return jax.random.categorical(key, scale_temperature(logits, temperature)).astype(jnp.int32)
+    if mode.top_k is None and not mode.top_p:  # Gumbel-max, as jax.random.categorical
+        gumbel = jax.random.gumbel(key, logits.shape, jnp.float32)
+        return _argmax(scale_temperature(logits, temperature) + gumbel)
     # Work on the candidate list only: the top-k (or, for top-p alone, the whole vocabulary sorted).
     # Equivalent to masking the full vocabulary with top_k_filter / top_p_filter, but the categorical
     # draw and the top-p cumulative sum touch k values instead of V.
@@ -132,8 +155,16 @@ def _select(key: jax.Array, logits: jax.Array, mode: _Mode, temperature, top_p) 
     values = scale_temperature(values, temperature)
     if mode.top_p:
         values = jnp.where(_top_p_keep_sorted(values, top_p), values, -jnp.inf)
-    choice = jax.random.categorical(key, values)
+    choice = _argmax(values + jax.random.gumbel(key, values.shape, jnp.float32))
     return jnp.take_along_axis(indices, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def _select_with_logprobs(key, logits, mode: _Mode, temperature, top_p):
+    """``(tokens, log_softmax(raw logits)[tokens])`` for one decode step."""
+    if mode.greedy:
+        return _greedy(logits)
+    tokens = _select(key, logits, mode, temperature, top_p)
+    return tokens, token_logprobs(logits, tokens)
 
 
 def sample_tokens(key: jax.Array, logits: jax.Array, *, temperature: float = 1.0,
@@ -218,6 +249,7 @@ class _Program:
     stop_ids: tuple[int, ...]
     pad_id: int
     cache_dtype: Any
+    head_nn: bool = False  # decode with a [hidden, vocab] copy of a tied head (faster on CPU)
 
 
 def _constrain(x: jax.Array, mesh: Mesh | None, spec: P) -> jax.Array:
@@ -264,8 +296,7 @@ def _prefill(graphdef, config: ModelConfig, prog: _Program, mesh: Mesh | None,
     logits = _constrain(logits, mesh, batch_spec)
 
     key, sub = jax.random.split(key)
-    first = _select(sub, logits, prog.mode, temperature, top_p)
-    first_lp = token_logprobs(logits, first)
+    first, first_lp = _select_with_logprobs(sub, logits, prog.mode, temperature, top_p)
     real_row = mask[:, -1]  # dummy rows added for bucketing have no real token
     done = _stopped(first, prog.stop_ids) | ~real_row
     tokens = jnp.full((rows, prog.max_new), prog.pad_id, jnp.int32).at[:, 0].set(first)
@@ -275,20 +306,32 @@ def _prefill(graphdef, config: ModelConfig, prog: _Program, mesh: Mesh | None,
                         lengths=real_row.astype(jnp.int32), step=jnp.ones((), jnp.int32), key=key)
 
 
+def _head_kernel(model: CausalLM) -> jax.Array:
+    """The output head as a [hidden, vocab] matrix (a transposed copy when tied to the embedding)."""
+    if model.lm_head is None:
+        return model.model.embed_tokens.embedding[...].T
+    return model.lm_head.kernel[...]
+
+
 def _decode(graphdef, prog: _Program, state, ds: _DecodeState, temperature, top_p):
     model: CausalLM = nnx.merge(graphdef, state)
     rows = ds.tokens.shape[0]
     ones = jnp.ones((rows, 1), bool)
+    head = _head_kernel(model) if prog.head_nn else None
 
     def cond(s: _DecodeState):
         return (s.step < prog.max_new) & ~jnp.all(s.done)
 
     def body(s: _DecodeState) -> _DecodeState:
-        logits, cache = model(s.last[:, None], ones, s.position[:, None], s.cache)
-        logits = logits[:, 0]
+        if head is None:
+            logits, cache = model(s.last[:, None], ones, s.position[:, None], s.cache)
+            logits = logits[:, 0]
+        else:
+            hidden, cache = model.model(s.last[:, None], ones, s.position[:, None], s.cache)
+            logits = jnp.dot(hidden[:, 0], head.astype(hidden.dtype),
+                             preferred_element_type=jnp.float32)
         key, sub = jax.random.split(s.key)
-        tok = _select(sub, logits, prog.mode, temperature, top_p)
-        lp = token_logprobs(logits, tok)
+        tok, lp = _select_with_logprobs(sub, logits, prog.mode, temperature, top_p)
         tok = jnp.where(s.done, prog.pad_id, tok)
         lp = jnp.where(s.done, 0.0, lp)
         return _DecodeState(

@@ -173,9 +173,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     mesh = sh.make_mesh(mesh_shape)
     log.info("mesh %s over %d devices (%s)", mesh_shape, jax.device_count(),
              jax.devices()[0].device_kind)
-    tokenizer = load_tokenizer(_tokenizer_source(config),
-                               cache_dir=os.path.join(workdir, "tokenizer")
-                               if config.tokenizer.path == BUILTIN_TINY else None)
+    # The builtin tiny tokenizer is built deterministically; process 0 keeps a copy in the workdir.
+    cache = (os.path.join(workdir, "tokenizer")
+             if config.tokenizer.path == BUILTIN_TINY and jax.process_index() == 0 else None)
+    tokenizer = load_tokenizer(_tokenizer_source(config), cache_dir=cache)
     mcfg = model_config(config.model)
     eos = eos_token_id(tokenizer, mcfg.eos_token_ids)
     examples = encode(load_records(config), tokenizer, config.data, eos_id=eos,

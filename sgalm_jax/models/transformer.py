@@ -85,10 +85,12 @@ class KVCache:
     """Preallocated keys/values of every layer for incremental decoding.
 
     All rows of a (left-padded) batch write at the same slot ``index``; ``valid`` marks the slots that
-    hold real tokens, so padding never receives attention.
+    hold real tokens, so padding never receives attention. Keys and values are stored heads-major,
+    [B, kv_heads, S, head_dim], the layout the decode attention's batched matmuls read directly (a
+    [B, S, kv_heads, head_dim] cache made XLA transpose the whole cache at every decode step).
     """
 
-    k: tuple[jax.Array, ...]  # per layer [B, S, kv_heads, head_dim]
+    k: tuple[jax.Array, ...]  # per layer [B, kv_heads, S, head_dim]
     v: tuple[jax.Array, ...]
     valid: jax.Array  # [B, S] bool
     index: jax.Array  # int32 scalar: next slot to write
@@ -96,7 +98,7 @@ class KVCache:
     @classmethod
     def init(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
         dtype = dtype or config.dtype
-        shape = (batch, length, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, length, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
@@ -104,6 +106,29 @@ class KVCache:
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+
+def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                      scale: float) -> jax.Array:
+    """Grouped-query attention of q [B, T, H, D] over a heads-major cache k, v [B, KV, S, D].
+
+    mask [B, 1, T, S]. The same numerics as ``jax.nn.dot_product_attention`` (float32 logits and
+    softmax, probabilities cast to the value dtype), written as two batched matmuls over (B, KV) so
+    the cache is read in place.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[1]
+    g = h // kv
+    # [B, T, KV*G, D] -> [B, KV, G*T, D]: both matmuls are then plain batched (B, KV) matmuls
+    qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+    logits = jnp.einsum("bkqd,bksd->bkqs", qg, k,
+                        preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+    logits = logits.astype(jnp.float32).reshape(b, kv, g, t, -1) * jnp.float32(scale)
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v)
+    out = out.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4)
+    return out.reshape(b, t, h, d)
 
 
 class Attention(nnx.Module):
@@ -138,12 +163,15 @@ class Attention(nnx.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         new_kv = None
         if cache_kv is not None:
-            ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
+            ck, cv = cache_kv  # [B, kv_heads, S, head_dim]
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
+            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
             new_kv = (ck, cv)
-            k, v = ck.astype(q.dtype), cv.astype(q.dtype)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5)
+            out = _cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask,
+                                    self.head_dim ** -0.5)
+        else:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
 
 
