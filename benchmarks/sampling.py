@@ -14,8 +14,10 @@ HF ``generate`` is run on the GPU as well when torch sees CUDA (``--no-hf`` skip
 
     python benchmarks/sampling.py --gpu
 
-Both sides generate exactly ``--new-tokens`` tokens per row (the models have no EOS id). Times are
-medians over ``--repeats`` runs after one warm-up run; our compile time is reported separately.
+Both sides generate exactly ``--new-tokens`` tokens per row (the models have no EOS id). After one
+warm-up call each, the two samplers run alternately ``--repeats`` times and the best time of each is
+kept (the CPU machines are shared, so medians mostly measure other tenants' load); our first call,
+which includes compilation, is reported separately.
 """
 
 from __future__ import annotations
@@ -73,23 +75,31 @@ def left_pad(prompts: list[list[int]]):
     return ids, mask
 
 
-def timed(fn, repeats: int) -> tuple[float, float]:
-    """(first-call seconds, median seconds of ``repeats`` later calls)."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
+def best_times(fns: dict, repeats: int) -> dict:
+    """{name: (first-call seconds, best seconds over ``repeats``)}, the calls interleaved.
+
+    The runs of the two samplers alternate and the best (minimum) time is kept, so a burst of load
+    from other processes on a shared machine penalises neither side systematically.
+    """
+    out = {}
+    for name, fn in fns.items():
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return first, statistics.median(times)
+        out[name] = [time.perf_counter() - t0]
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            out[name].append(time.perf_counter() - t0)
+    return {name: (t[0], min(t[1:])) for name, t in out.items()}
 
 
-def run_ours(path: str, prompts, new_tokens: int, mode: str, repeats: int, dtype: str):
+def ours_fn(path: str, prompts, new_tokens: int, mode: str, dtype: str):
+    """A no-argument callable running our sampler, and the sampler (for its compile count)."""
+    from flax import nnx
+
     from sgalm_jax.models import load_pretrained
     from sgalm_jax.sampling import Sampler
-    from flax import nnx
 
     model = load_pretrained(path, dtype=dtype)
     graphdef, state = nnx.split(model)
@@ -103,11 +113,11 @@ def run_ours(path: str, prompts, new_tokens: int, mode: str, repeats: int, dtype
         assert (out.lengths == new_tokens).all(), out.lengths
         return out
 
-    first, median = timed(call, repeats)
-    return first, median, sampler
+    return call, sampler
 
 
-def run_hf(path: str, prompts, new_tokens: int, mode: str, repeats: int, device: str):
+def hf_fn(path: str, prompts, new_tokens: int, mode: str, device: str):
+    """A no-argument callable running transformers ``generate`` on the same prompts."""
     import torch
     import transformers
 
@@ -125,12 +135,12 @@ def run_hf(path: str, prompts, new_tokens: int, mode: str, repeats: int, device:
         assert out.shape[1] == ids.shape[1] + new_tokens
         return out
 
-    return timed(call, repeats)
+    return call
 
 
-def measure_bandwidth() -> float:
+def measure_bandwidth(size: int = 256 * 1024 * 1024) -> float:
     """Device memory bandwidth (bytes/s) from a large on-device copy (read + write)."""
-    x = jnp.ones((256 * 1024 * 1024,), jnp.float32)  # 1 GiB
+    x = jnp.ones((size,), jnp.float32)  # 1 GiB by default
     f = jax.jit(lambda a: a * 1.0001)
     f(x).block_until_ready()
     times = []
@@ -151,69 +161,86 @@ def cpu_main(args) -> None:
         for batch in args.batches:
             prompts = make_prompts(batch, CPU_MODEL["vocab_size"], args.prompt_min, args.prompt_max)
             for mode in args.modes:
-                hf_first, hf = run_hf(tmp, prompts, args.new_tokens, mode, args.repeats, "cpu")
-                compile_s, ours, sampler = run_ours(tmp, prompts, args.new_tokens, mode,
-                                                    args.repeats, "float32")
+                ours, sampler = ours_fn(tmp, prompts, args.new_tokens, mode, "float32")
+                hf = hf_fn(tmp, prompts, args.new_tokens, mode, "cpu")
+                load = os.getloadavg()[0]
+                t = best_times({"hf": hf, "ours": ours}, args.repeats)
                 toks = batch * args.new_tokens
-                row = dict(batch=batch, mode=mode, hf_tok_s=toks / hf, ours_tok_s=toks / ours,
-                           ratio=hf / ours, first_call_s=compile_s,
-                           compilations=sampler.num_compilations)
+                row = dict(batch=batch, mode=mode, hf_tok_s=toks / t["hf"][1],
+                           ours_tok_s=toks / t["ours"][1], ratio=t["hf"][1] / t["ours"][1],
+                           first_call_s=t["ours"][0], compilations=sampler.num_compilations,
+                           load=max(load, os.getloadavg()[0]))
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"\nCPU: {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()}), torch "
-          f"{torch.__version__}; model {CPU_MODEL}; prompts {args.prompt_min}-{args.prompt_max} "
-          f"tokens; {args.new_tokens} new tokens; median of {args.repeats}\n")
-    print("| batch | mode | HF generate tok/s | ours tok/s | ours / HF | our first call (s) |")
-    print("|---:|---|---:|---:|---:|---:|")
+          f"{torch.__version__} ({torch.get_num_threads()} threads); model {CPU_MODEL}; prompts "
+          f"{args.prompt_min}-{args.prompt_max} tokens; {args.new_tokens} new tokens; best of "
+          f"{args.repeats} interleaved runs\n")
+    print("| batch | mode | HF generate tok/s | ours tok/s | ours / HF | our first call (s) | "
+          "load avg |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['batch']} | {r['mode']} | {r['hf_tok_s']:.0f} | {r['ours_tok_s']:.0f} | "
-              f"{r['ratio']:.2f}x | {r['first_call_s']:.1f} |")
+              f"{r['ratio']:.2f}x | {r['first_call_s']:.1f} | {r['load']:.1f} |")
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
 
 
 def gpu_main(args) -> None:
     from sgalm_jax.models.config import ModelConfig
 
-    bandwidth = measure_bandwidth()
+    shape = CPU_MODEL if args.smoke else GPU_MODEL
+    bandwidth = measure_bandwidth(2**22 if args.smoke else 2**28)
     print(f"device: {jax.devices()[0].device_kind}; measured copy bandwidth "
           f"{bandwidth / 1e9:.0f} GB/s", file=sys.stderr)
-    cfg = ModelConfig(model_type="qwen2", **GPU_MODEL)
+    cfg = ModelConfig(model_type="qwen2", **shape)
     weight_bytes = cfg.num_params() * 2
     kv_per_token = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 2
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        make_checkpoint(GPU_MODEL, "bfloat16", tmp)
+        make_checkpoint(shape, "bfloat16", tmp)
         for batch in args.batches:
-            prompts = make_prompts(batch, GPU_MODEL["vocab_size"], args.prompt_min, args.prompt_max)
+            prompts = make_prompts(batch, shape["vocab_size"], args.prompt_min, args.prompt_max)
             mean_prompt = np.mean([len(p) for p in prompts])
             for mode in args.modes:
-                compile_s, ours, sampler = run_ours(tmp, prompts, args.new_tokens, mode,
-                                                    args.repeats, "bfloat16")
-                step = ours / args.new_tokens  # prefill included: a slight overestimate of a step
+                fns = {}
+                fns["ours"], sampler = ours_fn(tmp, prompts, args.new_tokens, mode, "bfloat16")
+                fns["ours_prefill"], _ = ours_fn(tmp, prompts, 1, mode, "bfloat16")
+                if args.hf and _torch_cuda():
+                    fns["hf"] = hf_fn(tmp, prompts, args.new_tokens, mode, "cuda")
+                t = best_times(fns, args.repeats)
+                compile_s, ours = t["ours"]
+                prefill = t["ours_prefill"][1]
+                step = (ours - prefill) / (args.new_tokens - 1)  # one decode step
                 kv_bytes = batch * (mean_prompt + args.new_tokens / 2) * kv_per_token
                 frac = (weight_bytes + kv_bytes) / step / bandwidth
                 row = dict(batch=batch, mode=mode, ours_tok_s=batch * args.new_tokens / ours,
-                           ms_per_step=step * 1e3, bandwidth_fraction=frac,
-                           first_call_s=compile_s, compilations=sampler.num_compilations)
-                if args.hf:
-                    try:
-                        import torch
-
-                        if torch.cuda.is_available():
-                            _, hf = run_hf(tmp, prompts, args.new_tokens, mode, args.repeats,
-                                           "cuda")
-                            row.update(hf_tok_s=batch * args.new_tokens / hf, ratio=hf / ours)
-                    except ImportError:
-                        pass
+                           decode_tok_s=batch / step, prefill_s=prefill, ms_per_step=step * 1e3,
+                           bandwidth_fraction=frac, first_call_s=compile_s,
+                           compilations=sampler.num_compilations)
+                if "hf" in t:
+                    hf = t["hf"][1]
+                    row.update(hf_tok_s=batch * args.new_tokens / hf, ratio=hf / ours)
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"\nGPU: {jax.devices()[0].device_kind}, bandwidth {bandwidth / 1e9:.0f} GB/s measured; "
-          f"Qwen2.5-1.5B-shaped random model, bf16; {args.new_tokens} new tokens\n")
-    print("| batch | mode | ours tok/s | ms/step | bandwidth fraction | HF tok/s | ours / HF |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+          f"{'small smoke-test' if args.smoke else 'Qwen2.5-1.5B-shaped'} random model, bf16 "
+          f"({weight_bytes / 1e9:.2f} GB of weights); prompts {args.prompt_min}-{args.prompt_max} "
+          f"tokens; {args.new_tokens} new tokens; best of {args.repeats}\n")
+    print("| batch | mode | ours tok/s (end to end) | decode tok/s | decode ms/step | "
+          "bandwidth fraction | prefill s | HF tok/s | ours / HF |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         hf = f"{r['hf_tok_s']:.0f} | {r['ratio']:.2f}x" if "hf_tok_s" in r else "- | -"
-        print(f"| {r['batch']} | {r['mode']} | {r['ours_tok_s']:.0f} | {r['ms_per_step']:.1f} | "
-              f"{r['bandwidth_fraction']:.0%} | {hf} |")
+        print(f"| {r['batch']} | {r['mode']} | {r['ours_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
+              f"{r['ms_per_step']:.2f} | {r['bandwidth_fraction']:.0%} | {r['prefill_s']:.2f} | "
+              f"{hf} |")
 
 
 def main() -> None:
@@ -225,12 +252,15 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--prompt-min", type=int, default=16)
     ap.add_argument("--prompt-max", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-hf", dest="hf", action="store_false")
+    ap.add_argument("--smoke", action="store_true",
+                    help="with --gpu: run the GPU code path on the small CPU model (a quick check)")
     args = ap.parse_args()
     if args.gpu:
-        args.batches = args.batches or [64, 256]
-        args.prompt_min, args.prompt_max = max(args.prompt_min, 64), max(args.prompt_max, 128)
+        args.batches = args.batches or ([2] if args.smoke else [64, 256])
+        if not args.smoke:
+            args.prompt_min, args.prompt_max = max(args.prompt_min, 64), max(args.prompt_max, 128)
         gpu_main(args)
     else:
         args.batches = args.batches or [1, 8, 32]

@@ -174,6 +174,159 @@ _SCHEMA: dict[str, Any] = {
     "sft": {
         "normalize": ("token", "loss normalisation: token, sequence, sequence_sum or sum"),
     },
+    # --- selfplay + eval sections (algorithms/selfplay.py, algorithms/eval.py) ---------------
+    "selfplay": {
+        "loss": ("spin", "self-play loss by registry name (spin, iris, space, spif, dpo, or one "
+                         "registered with family='selfplay')"),
+        "loss_module": ("", "Python module imported before the loss lookup, so that its "
+                            "register_loss calls run (e.g. my_project.losses)"),
+        "beta": (0.0, "the loss's beta (reward scale); 0 = the loss's own default (SPIN 0.1, "
+                      "IRIS/SPACE 1.0)"),
+        "loss_kwargs": ({}, f"{FREE_FORM} further keyword arguments of the loss, e.g. "
+                            "{'loss_type': 'hinge'} or {'mu': 3.0}; set in a config file"),
+        "iterations": (3, "self-play iterations: each generates, scores and trains once"),
+        "epochs_per_iteration": (2.0, "passes over the iteration's pairs (sets the steps when "
+                                      "selfplay.steps_per_iteration is 0)"),
+        "steps_per_iteration": (0, "optimizer steps per iteration; 0 = from "
+                                   "epochs_per_iteration (train.num_steps is not used)"),
+        "lr_per_iteration": ("", "comma-separated peak learning rates, one per iteration (the "
+                                 "last repeats), e.g. '5e-7,5e-7,1e-7,1e-7'; '' = "
+                                 "optimizer.learning_rate"),
+        "mix_previous": (True, "SPIN's protocol: from iteration 1 on, also train on the previous "
+                               "iteration's synthetic responses (re-scored under the new "
+                               "reference)"),
+        "num_samples": (1, "synthetic responses per prompt (K)"),
+        "max_new_tokens": (256, "longest synthetic response in tokens"),
+        "max_prompt_length": (256, "prompts are cut from the left to this many tokens (generation "
+                                   "and training); responses get data.max_length minus the "
+                                   "prompt"),
+        "temperature": (1.0, "sampling temperature of synthetic responses (0 = greedy)"),
+        "top_p": (1.0, "nucleus sampling of synthetic responses (1 = off)"),
+        "top_k": (0, "top-k sampling of synthetic responses (0 = off)"),
+        "generation_batch_size": (256, "prompts per generation chunk; each chunk is saved, so a "
+                                       "killed run resumes generation at the next chunk"),
+        "ref_batch_size": (64, "sequences per forward of the once-per-iteration reference "
+                               "log-prob pass"),
+        "logprob_chunk_size": (256, "training forward: log-probs from hidden states in chunks "
+                                    "of this many positions (no [B, T, vocab] logits); 0 = "
+                                    "full logits"),
+        "first_turn": (True, "chat records: use the first user turn and the first assistant "
+                             "reply (SPIN's UltraChat pairs)"),
+        "subset_size": (0, "train on this many records drawn at random (seeded by "
+                           "selfplay.subset_seed) from those loaded; 0 = all"),
+        "subset_seed": (0, "seed of the selfplay.subset_size draw"),
+        "alpha_schedule": ("constant", "IRIS order alpha per iteration: constant, linear, cosine "
+                                       "(alpha_start -> alpha_end over the iterations) or "
+                                       "adaptive (from the measured gap)"),
+        "alpha": (1.0, "alpha of the constant schedule"),
+        "alpha_start": (2.0, "alpha at iteration 0 (linear, cosine)"),
+        "alpha_end": (0.5, "alpha at the last iteration (linear, cosine)"),
+        "alpha_min": (0.5, "adaptive: alpha when the gap is 0"),
+        "alpha_max": (2.0, "adaptive: alpha as the gap grows"),
+        "gap_scale": (1.0, "adaptive: alpha = min + (max - min) * tanh(gap / gap_scale)"),
+        "gap": ("likelihood", "adaptive gap estimate: likelihood (reference per-token log-prob "
+                              "of synthetic minus real; free) or logratio (per-token log-ratio "
+                              "margin of the previous iteration's pairs)"),
+        "eval_every": (1, "run the eval section's tasks after every this many iterations (and "
+                          "after the last); 0 = never"),
+        "eval_at_start": (False, "also evaluate the initial model before iteration 0"),
+        "export_iterations": (False, "also export each iteration's model in HF format to "
+                                     "workdir/iterations/iter_NNN"),
+    },
+    "eval": {
+        "tasks": ("gsm8k", "comma-separated tasks: gsm8k, arc (ARC-Challenge), mbpp, "
+                           "arithmetic"),
+        "split": ("test", "split to evaluate"),
+        "data_dir": ("", "directory holding one subdirectory per task (gsm8k/, arc_challenge/, "
+                         "mbpp/, as ../shared/data), or one task's files; '' = the hub"),
+        "max_examples": (0, "evaluate the first this many examples of each task; 0 = all"),
+        "k_shot": (-1, "demonstrations per prompt (from the task's train split; MBPP: its "
+                       "prompt split); -1 = per task: GSM8K 5, ARC 0, MBPP 3, arithmetic 0"),
+        "chat": (False, "render prompts with the tokenizer's chat template (instruct models)"),
+        "arc_mode": ("loglik", "ARC scoring: loglik (lm-eval acc / acc_norm) or generate (the "
+                               "model writes the letter)"),
+        "max_new_tokens": (512, "longest generated answer in tokens"),
+        "temperature": (0.0, "sampling temperature (0 = greedy, the accuracy / pass@1 protocol)"),
+        "top_p": (1.0, "nucleus sampling when temperature > 0 (1 = off)"),
+        "num_samples": (1, "MBPP samples per problem: pass@k for k in 1, 10, 100 up to it "
+                           "(needs temperature > 0 when > 1)"),
+        "batch_size": (32, "prompts per generation call (and log-likelihood requests per "
+                           "forward)"),
+        "sandbox_workers": (0, "parallel MBPP sandbox processes; 0 = min(8, 2 x CPUs)"),
+    },
+    # --- sgalm + data_engine sections (algorithms/sgalm.py, algorithms/data_engine.py) ------
+    "sgalm": {
+        "variant": ("full", "full (one model is G and D), d_only (only D steps), g_only (only G "
+                            "steps, rewarded by D frozen at the iteration start) or two_models "
+                            "(separate G and D params and optimizer states)"),
+        "sample_format": ("full", "full: the model writes a whole new sample (question and "
+                                  "answer); answer: it answers a real training question"),
+        "iterations": (4, "outer iterations T: sample with a frozen snapshot, then train D and G"),
+        "num_samples": (0, "synthetic samples generated per iteration; 0 = the size of the real "
+                           "pool"),
+        "num_shots": (4, "real samples shown in each generator prompt (in-context examples)"),
+        "d_steps": (1, "discriminator steps per round (k_D)"),
+        "g_steps": (1, "generator steps per round (k_G)"),
+        "rounds_per_iteration": (0, "D/G rounds per iteration; 0 = one pass over the generated "
+                                    "samples (ceil(N_train / (train.batch_size / 2)))"),
+        "heldout_size": (64, "real samples kept out of the pool, and generated samples kept out "
+                             "of D's training, for the per-iteration diagnostics"),
+        "final_samples": (-1, "samples generated after the last iteration for the final "
+                              "diagnostics; -1 = sgalm.num_samples, 0 = none"),
+        "max_new_tokens": (0, "longest generated sample in tokens; 0 = the 99th percentile of "
+                              "the real samples' lengths plus 16"),
+        "temperature": (1.0, "sampling temperature of the generator (0 = greedy)"),
+        "top_p": (1.0, "nucleus sampling of the generator (1 = off)"),
+        "top_k": (0, "top-k sampling of the generator (0 = off)"),
+        "sample_batch_size": (64, "rows (prompts) per sampler call"),
+        "score_batch_size": (32, "sequences per forward when scoring samples with D"),
+        "reward": ("log_d", "generator reward from D: log_d, d or logit"),
+        "generator_loss": ("score_function", "score_function (REINFORCE with the batch-"
+                                             "standardised reward) or weighted_likelihood"),
+        "advantage": ("standardize", "score function: standardize, center or raw reward"),
+        "tau": (1.0, "weighted_likelihood: softmax temperature of the weights"),
+        "length_normalize": (False, "generator loss on the per-token mean log-prob of a sample "
+                                    "instead of its sum"),
+        "reward_params": ("current", "params of the D that rewards G steps: current (the params "
+                                     "being trained, detached) or snapshot (frozen at the "
+                                     "iteration start); g_only always uses snapshot"),
+        "anchor_weight": (0.0, "weight of an SFT anchor (NLL of real samples under the "
+                               "generator prompt) added to the generator loss; 0 = off"),
+        "g_loss_weight": (1.0, "multiplier of the generator loss (lambda_G)"),
+        "chat_template": (False, "wrap generator and discriminator prompts in the tokenizer's "
+                                 "chat template (the label then has no leading space)"),
+        "prompts": ({}, f"{FREE_FORM} SGALMTemplates fields overriding the default prompts, "
+                        "e.g. {'real_word': 'Human', 'fake_word': 'Model'}"),
+        "task_options": ({}, f"{FREE_FORM} keyword arguments of the task, e.g. "
+                             "{'max_value': 99} for arithmetic"),
+        "length_bucket": (64, "D/G batches are right-padded to a multiple of this many tokens"),
+        "logprob_chunk_size": (256, "generator loss: log-probs from hidden states in chunks of "
+                                    "this many positions (no [B, T, vocab] logits)"),
+        "log_samples": (4, "generated samples per iteration also written as TensorBoard text"),
+    },
+    "data_engine": {
+        "generator_path": ("", "HF model that writes SGALM's synthetic samples (e.g. an SGALM "
+                               "run's export); '' = model.path (no SGALM training)"),
+        "self_instruct_path": ("", "HF model of the Self-Instruct baseline; '' = model.path"),
+        "methods": ("sgalm,self_instruct", "comma-separated pipelines: sgalm (4-shot SGALM "
+                                           "prompt) and/or self_instruct (baseline)"),
+        "scales": ("1,2,4", "synthetic set sizes as multiples k of the real train set"),
+        "dedupe_ngram": (13, "n of the word n-grams compared with the test split"),
+        "dedupe_threshold": (0.5, "drop a sample when more than this fraction of its n-grams "
+                                  "occur in the test split"),
+        "rouge_threshold": (0.7, "Self-Instruct: drop a sample whose question has ROUGE-L F1 "
+                                 "above this with any earlier one (seeds included)"),
+        "self_instruct_seeds": (6, "Self-Instruct: real samples per prompt"),
+        "self_instruct_generated": (2, "Self-Instruct: earlier generated samples per prompt"),
+        "mix_real": (True, "SFT the student on real + synthetic samples (False: synthetic "
+                           "only)"),
+        "baseline_real_only": (True, "also SFT the student on the real samples alone (the k=0 "
+                                     "row)"),
+        "student_path": ("", "HF checkpoint of the smaller student model"),
+        "student_init": ("", "instead of student_path: a random-init preset (tests, demos)"),
+        "epochs": (1.0, "student SFT passes over its data (sets train.num_steps); the "
+                        "students are then evaluated with the eval section"),
+    },
 }
 
 

@@ -130,13 +130,13 @@ class _Mode:
 def _make_mode(temperature: float, top_k: int | None, top_p: float | None) -> _Mode:
     if temperature < 0:
         raise ConfigError(f"temperature={temperature} must be >= 0 (0 = greedy)")
-    if top_k is not None and top_k < 1:
-        raise ConfigError(f"top_k={top_k} must be a positive integer or None")
+    if top_k is not None and top_k < 0:
+        raise ConfigError(f"top_k={top_k} must be a positive integer, or 0 / None for no top-k")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ConfigError(f"top_p={top_p} must be in (0, 1] or None")
     if temperature == 0:
         return _Mode(True, None, False)
-    return _Mode(False, top_k, top_p is not None and top_p < 1.0)
+    return _Mode(False, top_k or None, top_p is not None and top_p < 1.0)
 
 
 def _select(key: jax.Array, logits: jax.Array, mode: _Mode, temperature, top_p) -> jax.Array:
@@ -261,8 +261,8 @@ def _constrain(x: jax.Array, mesh: Mesh | None, spec: P) -> jax.Array:
 def _cache_spec(config: ModelConfig, mesh: Mesh | None, batch: int, length: int) -> P:
     if mesh is None:
         return P()
-    shape = (batch, length, config.num_key_value_heads, config.head_dim)
-    return logical_to_spec(("batch", "length", "kv_heads", "head_dim"), shape, mesh, LOGICAL_RULES)
+    shape = (batch, config.num_key_value_heads, length, config.head_dim)  # the KVCache layout
+    return logical_to_spec(("batch", "kv_heads", "length", "head_dim"), shape, mesh, LOGICAL_RULES)
 
 
 def _stopped(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
@@ -426,7 +426,7 @@ class Sampler:
 
     def _get_programs(self, prog: _Program, mesh: Mesh | None):
         key = (prog.batch, prog.prompt_len, prog.num_samples, prog.max_new, prog.mode,
-               prog.stop_ids, prog.pad_id, jnp.dtype(prog.cache_dtype).name, mesh)
+               prog.stop_ids, prog.pad_id, jnp.dtype(prog.cache_dtype).name, prog.head_nn, mesh)
         if key not in self._programs:
             opts = self.compiler_options
             prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh),
@@ -491,7 +491,8 @@ class Sampler:
             mask[i, t - r.size:] = True
         prog = _Program(batch=bb, prompt_len=t, num_samples=num_samples, max_new=max_new,
                         mode=mode, stop_ids=stop, pad_id=self.pad_token_id,
-                        cache_dtype=self._resolve_cache_dtype())
+                        cache_dtype=self._resolve_cache_dtype(),
+                        head_nn=self.config.tie_word_embeddings and jax.default_backend() == "cpu")
         prefill, decode = self._get_programs(prog, mesh)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         if mesh is not None:
@@ -520,7 +521,7 @@ class Sampler:
         only on stop tokens). The tokenizer's EOS id is added to the stop tokens. Other keyword
         arguments go to :meth:`generate`.
         """
-        texts_in = []
+        texts_in, ids = [], []
         for i, prompt in enumerate(prompts):
             is_chat = not isinstance(prompt, str)
             use_template = is_chat if chat_template is None else chat_template
@@ -528,13 +529,13 @@ class Sampler:
                 raise ConfigError(f"prompts[{i}] is a conversation but chat_template=False")
             if use_template:
                 messages = [{"role": "user", "content": prompt}] if not is_chat else list(prompt)
-                texts_in.append(tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True))
+                text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=True)
             else:
-                texts_in.append(prompt)
-        templated = chat_template or (chat_template is None
-                                      and any(not isinstance(p, str) for p in prompts))
-        ids = [tokenizer(text, add_special_tokens=not templated)["input_ids"] for text in texts_in]
+                text = prompt
+            texts_in.append(text)
+            # A chat template writes its own BOS and special tokens; raw text gets the tokenizer's.
+            ids.append(tokenizer(text, add_special_tokens=not use_template)["input_ids"])
         stop = set(kwargs.pop("stop_token_ids", ()))
         if getattr(tokenizer, "eos_token_id", None) is not None:
             stop.add(int(tokenizer.eos_token_id))
