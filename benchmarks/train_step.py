@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py                     # CPU: small Qwen2-shaped model, fp32, vs torch
     python benchmarks/train_step.py --preset qwen2.5-1.5b --dtype bfloat16 --batch 8 --seq 2048 \
-        --remat full --no-torch                         # GPU/TPU: MFU of a Qwen2.5-1.5B-shaped model
+        --remat full --chunk 256 --no-torch             # GPU/TPU: MFU of a Qwen2.5-1.5B-shaped model
 
 Both sides start from the same random weights (ours exported with ``save_pretrained`` and loaded by
 ``transformers``), take the same batch (random tokens, loss on the second half of each row, as SFT on
@@ -24,7 +24,6 @@ import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 PRESETS = {
@@ -73,7 +72,8 @@ def bench_ours(args, cfg, batch_np, export_dir):
     opt.name, opt.learning_rate, opt.max_grad_norm = "adamw", 1e-4, 1.0
     tx, schedule = make_optimizer(opt, num_steps=1000, params=params)
     state, shardings = create_train_state(params, tx, mesh=mesh)
-    step = make_train_step(make_sft_loss(graphdef), tx, mesh=mesh, state_shardings=shardings,
+    step = make_train_step(make_sft_loss(graphdef, logits_chunk_size=args.chunk), tx, mesh=mesh,
+                           state_shardings=shardings,
                            learning_rate=schedule)
     batch = sh.global_batch_from_local(batch_np, mesh)
     holder = {"state": state}
@@ -147,9 +147,22 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", help="compute dtype (bfloat16 on accelerators)")
     p.add_argument("--param_dtype", default="float32", help="master-weight dtype")
     p.add_argument("--remat", default="none")
+    p.add_argument("--chunk", type=int, default=0,
+                   help="SFT loss from hidden states in chunks of this many positions (never "
+                        "materialising [B, T, vocab] logits); 0 = full logits")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU only: limit both sides to N threads (1 = single-threaded XLA and "
+                        "torch, a comparison less disturbed by other load); 0 = defaults")
     p.add_argument("--no-torch", dest="torch", action="store_false",
                    help="skip the PyTorch side (accelerator runs: only our MFU)")
     args = p.parse_args(argv)
+    if args.threads:  # before the XLA backend starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
+                                   f"{'false' if args.threads == 1 else 'true'} "
+                                   f"intra_op_parallelism_threads={args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from sgalm_jax.training.metrics import mfu, peak_flops_per_device
 

@@ -27,6 +27,7 @@ def get_config():
     config.data.chat_template = True
     config.data.max_length = 512
     config.data.min_bucket = 256
+    config.sft.logits_chunk_size = 128  # vocab 151,936: never hold [B, 512, vocab] fp32 logits
     config.optimizer.name = "adamw"
     config.optimizer.learning_rate = 1e-5
     config.optimizer.weight_decay = 0.0

@@ -173,6 +173,8 @@ _SCHEMA: dict[str, Any] = {
     },
     "sft": {
         "normalize": ("token", "loss normalisation: token, sequence, sequence_sum or sum"),
+        "logits_chunk_size": (0, "compute the loss from hidden states this many positions at a "
+                                 "time, never materialising [B, T, vocab] logits; 0 = full logits"),
     },
     # --- selfplay + eval sections (algorithms/selfplay.py, algorithms/eval.py) ---------------
     "selfplay": {
@@ -299,7 +301,8 @@ _SCHEMA: dict[str, Any] = {
                         "e.g. {'real_word': 'Human', 'fake_word': 'Model'}"),
         "task_options": ({}, f"{FREE_FORM} keyword arguments of the task, e.g. "
                              "{'max_value': 99} for arithmetic"),
-        "length_bucket": (64, "D/G batches are right-padded to a multiple of this many tokens"),
+        "length_bucket": (64, "shortest padded length of D/G batches; longer ones pad to this "
+                              "times the next power of two"),
         "logprob_chunk_size": (256, "generator loss: log-probs from hidden states in chunks of "
                                     "this many positions (no [B, T, vocab] logits)"),
         "log_samples": (4, "generated samples per iteration also written as TensorBoard text"),
@@ -479,7 +482,7 @@ def validate_config(config: Any) -> None:
     non_negative = ["optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.weight_decay",
                     "optimizer.momentum", "optimizer.max_grad_norm", "optimizer.eps",
                     "checkpoint.every_steps", "data.max_examples", "metrics.peak_tflops",
-                    "optimizer.end_lr_factor"]
+                    "optimizer.end_lr_factor", "sft.logits_chunk_size"]
     for key in non_negative:
         if get(config, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(config, key)}")

@@ -82,12 +82,19 @@ def validate_eval_section(config: Any) -> None:
         raise ConfigError(f"eval.data_dir: {e.data_dir!r} does not exist")
 
 
+def _is_hf_checkpoint(path: str) -> bool:
+    # A run directory has a config.json too (the run's config): look for the weights as well.
+    return (os.path.isfile(os.path.join(path, "config.json"))
+            and any(f.endswith(".safetensors") or f.endswith(".safetensors.index.json")
+                    for f in os.listdir(path)))
+
+
 def resolve_model_path(path: str) -> str:
     """An HF checkpoint directory: ``path`` itself, or ``path/export`` for a run directory."""
-    if os.path.isfile(os.path.join(path, "config.json")):
+    if _is_hf_checkpoint(path):
         return path
     export = os.path.join(path, "export")
-    if os.path.isfile(os.path.join(export, "config.json")):
+    if _is_hf_checkpoint(export):
         return export
     raise ConfigError(f"model.path: {path!r} is neither an HF checkpoint (no config.json) nor a run "
                       "directory with an export/ (finish or export the run first)")
@@ -198,7 +205,12 @@ class Evaluator:
         sub = EVAL_TASKS[task][0]
         if not root or sub is None:
             return None
-        return os.path.join(root, sub) if os.path.isdir(os.path.join(root, sub)) else root
+        path = os.path.join(root, sub) if os.path.isdir(os.path.join(root, sub)) else root
+        if task == "mbpp" and os.path.isdir(path):  # one file holds every split (by task id)
+            for name in ("mbpp.jsonl", "mbpp.json"):
+                if os.path.isfile(os.path.join(path, name)):
+                    return os.path.join(path, name)
+        return path
 
     def _k_shot(self, task: str) -> int:
         return EVAL_TASKS[task][1] if self.cfg.k_shot < 0 else int(self.cfg.k_shot)

@@ -97,7 +97,10 @@ def resolve_loss(config: Any) -> tuple[Callable[..., Any], bool]:
             importlib.import_module(sp.loss_module)
         except ImportError as e:
             raise ConfigError(f"selfplay.loss_module: cannot import {sp.loss_module!r} ({e})") from None
-    fn = get_loss(sp.loss, family="selfplay")
+    try:
+        fn = get_loss(sp.loss, family="selfplay")
+    except ConfigError as e:
+        raise ConfigError(f"selfplay.loss: {e}") from None
     params = inspect.signature(fn).parameters
     takes_alpha = "alpha" in params
     kwargs = dict(sp.loss_kwargs.to_dict() if hasattr(sp.loss_kwargs, "to_dict") else sp.loss_kwargs)
@@ -425,6 +428,7 @@ class _Run:
         if self.is_main:
             data.save(path)
             self.write_samples(t, syn)
+        data.meta["fresh"] = True
         return data
 
     def iteration_stats(self, t: int, data: IterationData, prev: IterationData | None,
@@ -556,11 +560,12 @@ class _Run:
                 data = self.prepare_iteration(t, params, guard)
                 if data is None:
                     return self.preempted(last, self.offsets[t])
-                if start_s == 0:
+                if data.meta.get("fresh"):  # written once, when the data is made
                     writer.write(self.offsets[t], {f"iter/{k}": v for k, v in data.meta.items()
-                                                   if isinstance(v, (int, float))})
-                    log.info("iteration %d: gap %.4f, alpha %.4f, synthetic length %.1f", t,
-                             data.meta["gap"], data.meta["alpha"], data.meta["syn_length_mean"])
+                                                   if isinstance(v, (int, float))
+                                                   and not isinstance(v, bool)})
+                log.info("iteration %d: gap %.4f, alpha %.4f, synthetic length %.1f", t,
+                         data.meta["gap"], data.meta["alpha"], data.meta["syn_length_mean"])
                 tx, schedule = self.optimizer(t, params)
                 if restored_state is not None:
                     state = restored_state

@@ -115,8 +115,10 @@ def load_prompt_set(config: Any, tokenizer: Any, *, eos_id: int, vocab_size: int
         if sp.subset_size > len(records):
             raise ConfigError(f"selfplay.subset_size: {sp.subset_size} is more than the "
                               f"{len(records)} records loaded")
-        rng = np.random.default_rng(sp.subset_seed)
-        keep = np.sort(rng.choice(len(records), size=sp.subset_size, replace=False))
+        # A prefix of one seeded permutation: with the same seed, smaller subsets are nested in
+        # larger ones (SPIN / T-SPIN's 14k ⊂ 26k ⊂ 50k).
+        order = np.random.default_rng(sp.subset_seed).permutation(len(records))
+        keep = np.sort(order[:sp.subset_size])
         records = [records[i] for i in keep]
 
     if d.chat_template:

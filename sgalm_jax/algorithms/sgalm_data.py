@@ -244,6 +244,7 @@ class SGALMData:
         key = jax.random.key(int(np.random.default_rng(list(rng_seed)).integers(2 ** 31)))
         budget = max(self.max_length - 1, 1)
         out: list[Sample] = []
+        stops = set(sampler.config.eos_token_ids) | {self.eos_id}
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -258,9 +259,7 @@ class SGALMData:
                 stop_token_ids=(self.eos_id,), rng=jax.random.fold_in(key, c))
             for j, ((prompt, q), comp, fin) in enumerate(zip(chunk, gen.completions(),
                                                               gen.finished)):
-                ended_by_eos = bool(fin) and comp and comp[-1] in set(sampler.config.eos_token_ids
-                                                                      ) | {self.eos_id}
-                if ended_by_eos:
+                if fin and comp and comp[-1] in stops:  # the EOS is not part of the sample
                     comp = comp[:-1]
                 kept, text, cut = trim_completion(self.tokenizer, comp, self.stop_strings)
                 out.append(Sample(index=start + j, prompt=prompt, completion_ids=kept,
@@ -293,7 +292,8 @@ class SGALMData:
 def pad_rows(rows: Sequence[Sequence[int]], *, bucket: int, pad_id: int, num_rows: int | None = None,
              loss_masks: Sequence[Sequence[float]] | None = None, prefix: str = ""
              ) -> dict[str, np.ndarray]:
-    """Right-padded ``[num_rows, T]`` arrays (``T`` a multiple of ``bucket``) of token rows.
+    """Right-padded ``[num_rows, T]`` arrays of token rows; ``T`` is the smallest power of two
+    times ``bucket`` that fits the longest row (few distinct shapes, so few compilations).
 
     Keys (with ``prefix``): ``input_ids``, ``attention_mask``, ``positions``, ``last`` (index of
     each row's last token: the discriminator's answer position), ``row_mask`` (1 = real row, 0 =
@@ -301,7 +301,9 @@ def pad_rows(rows: Sequence[Sequence[int]], *, bucket: int, pad_id: int, num_row
     """
     n = len(rows) if num_rows is None else int(num_rows)
     longest = max((len(r) for r in rows), default=1)
-    width = max(bucket, -(-longest // bucket) * bucket)
+    width = max(int(bucket), 1)
+    while width < longest:
+        width *= 2
     ids = np.full((n, width), pad_id, np.int32)
     attn = np.zeros((n, width), np.int32)
     pos = np.zeros((n, width), np.int32)

@@ -61,13 +61,14 @@ def test_model_config_from_presets_and_overrides():
         model_config(c)
 
 
-def test_init_model_is_sharded_and_mesh_independent(tiny_config):
+def test_init_model_is_sharded_and_mesh_independent(tiny_config, host_params):
     mesh = sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded = init_model(tiny_config, mesh=mesh, seed=0)
-    plain = init_model(tiny_config, mesh=None, seed=0)  # one device
+    _, plain = host_params  # init_model(tiny_config, mesh=None, seed=0): one device
     k = sharded.model.layers[0].mlp.gate_proj.kernel[...]
     assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-    np.testing.assert_array_equal(np.asarray(k), np.asarray(plain.model.layers[0].mlp.gate_proj.kernel[...]))
+    np.testing.assert_array_equal(
+        np.asarray(k), plain["model"]["layers"][0]["mlp"]["gate_proj"]["kernel"][...])
 
 
 def test_multi_host_launch_detection():

@@ -1,0 +1,56 @@
+"""SGALM on ARC-Challenge with Qwen2.5-3B-Instruct (same recipe as configs/qwen3b_gsm8k.py).
+
+    python -m sgalm_jax.main --config configs/qwen3b_arc.py \
+        --config.model.path=/models/Qwen2.5-3B-Instruct \
+        --config.data.data_dir=/data/arc_challenge --config.workdir=runs/sgalm_qwen3b_arc
+
+A sample is a question with its lettered choices and the answer letter (the task's ``mc`` style).
+ARC has no checker for generated samples, so only well-formedness is reported (not validity).
+Samples are short (~100 tokens), so sequences fit in 768 tokens and the batch doubles to 128.
+Memory on one 80 GB GPU: 43 GB of weights / RMSProp state / gradients (as GSM8K) + ~5 GB of
+activations (remat) + a 128 x 1024 KV cache (4.7 GB): about 53 GB; TPU v4-8 ~14 GB per chip.
+
+Schedule: the hub train split has 1,119 questions (the offline copy 1,056): 1,055 real samples
+after 64 held out, N = 1,055 generated per iteration of which 991 train D, ceil(991 / 64) = 16
+rounds of 1 D step (64 real + 64 generated) and 1 G step: 32 updates per iteration, 128 in all.
+"""
+
+from sgalm_jax.config import base_config
+
+
+def get_config():
+    config = base_config()
+    config.algorithm = "sgalm"
+    config.model.path = ""  # required: Qwen2.5-3B-Instruct in HF format
+    config.model.dtype = "bfloat16"
+    config.model.param_dtype = "float32"
+    config.model.remat = "full"
+    config.data.task = "arc_challenge"
+    config.data.split = "train"
+    config.data.max_length = 768
+
+    s = config.sgalm
+    s.variant = "full"
+    s.sample_format = "full"
+    s.iterations = 4
+    s.num_samples = 0
+    s.num_shots = 4
+    s.heldout_size = 64
+    s.max_new_tokens = 256
+    s.sample_batch_size = 128
+    s.score_batch_size = 128
+    s.length_bucket = 128
+    s.final_samples = 256
+
+    config.optimizer.name = "rmsprop"
+    config.optimizer.learning_rate = 1e-6
+    config.optimizer.schedule = "linear"
+    config.optimizer.warmup_steps = 13  # 10% of the 128 updates
+    config.optimizer.max_grad_norm = 1.0
+    config.train.batch_size = 128
+    config.train.log_every = 1
+    config.mesh.fsdp = -1
+    config.checkpoint.every_steps = 50
+    config.checkpoint.export_dtype = "bfloat16"
+    config.eval.tasks = "arc"
+    return config

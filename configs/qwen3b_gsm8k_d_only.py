@@ -1,0 +1,23 @@
+"""Ablation of configs/qwen3b_gsm8k.py: sgalm.variant = 'd_only' (everything else the same).
+
+Only the discriminator objective is trained (no G steps): D learns to tell real from
+generated GSM8K samples and the model changes only through that. 920 updates
+(the D steps of the full run; same rounds and batches).
+
+    python -m sgalm_jax.main --config configs/qwen3b_gsm8k_d_only.py \
+        --config.model.path=/models/Qwen2.5-3B-Instruct --config.workdir=runs/sgalm_qwen3b_gsm8k_d_only
+"""
+
+import importlib.util
+import os
+
+_spec = importlib.util.spec_from_file_location(
+    "qwen3b_gsm8k", os.path.join(os.path.dirname(os.path.abspath(__file__)), "qwen3b_gsm8k.py"))
+_base = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_base)
+
+
+def get_config():
+    config = _base.get_config()
+    config.sgalm.variant = "d_only"
+    return config

@@ -1,0 +1,648 @@
+"""SGALM: one LLM as generator and discriminator of a GAN-style game on a real dataset.
+
+    python -m sgalm_jax.main --config configs/qwen3b_gsm8k.py --config.model.path=... \
+        --config.workdir=runs/sgalm_gsm8k
+
+For each of ``sgalm.iterations`` iterations t:
+
+1. **Sample** ``sgalm.num_samples`` synthetic samples with a frozen snapshot of the current params:
+   each from a ``sgalm.num_shots``-shot prompt of random real samples (format ``full``: the model
+   writes a new sample; ``answer``: it answers a real question). The snapshot also scores every
+   sample with the discriminator (``z_snapshot``), and the per-iteration diagnostics are logged.
+   The samples are saved to ``workdir/samples/iter_NNN.jsonl`` before any training, so a resumed
+   run reuses them instead of sampling again.
+2. **Train** for ``rounds_per_iteration`` rounds of ``d_steps`` discriminator steps then ``g_steps``
+   generator steps (the generic train step of :mod:`sgalm_jax.training`, RMSProp in the configs),
+   over minibatches of ``train.batch_size / 2`` real and as many generated samples:
+
+   - D step: ``L_D = mean_real softplus(-z) + mean_fake softplus(z)``, ``z = z_Real - z_Fake`` at the
+     answer position of the discriminator prompt (:func:`sgalm_jax.losses.discriminator_loss`);
+   - G step: ``L_G = -mean_j sg(A_j) log p(s_j | prompt_j)``, ``A = standardize(log D(s))`` over the
+     minibatch (:func:`sgalm_jax.losses.generator_loss`); the reward's D runs on
+     ``stop_gradient(params)`` (``reward_params='current'``) or is the snapshot's ``z``.
+
+Variants (``sgalm.variant``): ``full``; ``d_only`` (no G steps); ``g_only`` (no D steps; the reward
+is D frozen at the iteration start); ``two_models`` (separate G and D params and optimizer states,
+the same steps). Checkpoints (Orbax) are taken every ``checkpoint.every_steps`` updates, at the end
+of every iteration and on SIGTERM; the metadata says where in the iteration to resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+import zlib
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sgalm_jax import sharding as sh
+from sgalm_jax.algorithms import diagnostics as diag
+from sgalm_jax.algorithms.sgalm_data import (
+    Minibatches,
+    Sample,
+    SGALMData,
+    load_samples,
+    pad_rows,
+    samples_path,
+    save_samples,
+)
+from sgalm_jax.config import validate_for_devices
+from sgalm_jax.errors import ConfigError
+from sgalm_jax.losses.common import sequence_logprobs_from_hidden, shift_targets
+from sgalm_jax.losses.sgalm import (
+    ADVANTAGES,
+    GENERATOR_FORMS,
+    GENERATOR_REWARDS,
+    LabelTokenIds,
+    discriminator_loss,
+    discriminator_score_logits,
+    generator_loss,
+)
+from sgalm_jax.sampling import Sampler
+from sgalm_jax.training import (
+    Checkpointer,
+    MetricsWriter,
+    PreemptionGuard,
+    TrainState,
+    abstract_like,
+    create_train_state,
+    inject_fault,
+    make_optimizer,
+    make_train_step,
+    merge_model,
+    split_model,
+    train_state_shardings,
+    trainable_mask,
+)
+from sgalm_jax.training.model_setup import build_model, model_config
+from sgalm_jax.training.tokenizer import BUILTIN_TINY, eos_token_id, load_tokenizer, pad_token_id
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("full", "d_only", "g_only", "two_models")
+SAMPLE_FORMATS = ("full", "answer")
+REWARD_PARAMS = ("current", "snapshot")
+
+
+# ------------------------------------------------------------------------------------ validation
+def tokenizer_source(config: Any) -> str:
+    return config.tokenizer.path or config.model.path
+
+
+def validate(config: Any) -> None:
+    """SGALM-specific checks before anything is compiled; ConfigError naming the key."""
+    from sgalm_jax.data import list_tasks
+
+    model_config(config.model)
+    tok = tokenizer_source(config)
+    if not tok:
+        raise ConfigError("tokenizer.path: no tokenizer; set tokenizer.path (a directory, or "
+                          f"{BUILTIN_TINY!r} for tiny random models)")
+    if tok != BUILTIN_TINY and not os.path.isdir(tok):
+        raise ConfigError(f"tokenizer.path: {tok!r} is not a directory")
+    if not config.data.task:
+        raise ConfigError("data.task: SGALM needs a task (its samples are task examples; e.g. "
+                          "gsm8k, arithmetic, mbpp, arc_challenge)")
+    if config.data.task.strip().lower().replace("-", "_") not in list_tasks():
+        raise ConfigError(f"data.task: unknown task {config.data.task!r}; known: {list_tasks()}")
+    if config.data.data_dir and not os.path.exists(config.data.data_dir):
+        raise ConfigError(f"data.data_dir: {config.data.data_dir!r} does not exist")
+    s = config.sgalm
+    for key, choices in (("variant", VARIANTS), ("sample_format", SAMPLE_FORMATS),
+                         ("reward", GENERATOR_REWARDS), ("generator_loss", GENERATOR_FORMS),
+                         ("advantage", ADVANTAGES), ("reward_params", REWARD_PARAMS)):
+        if s[key] not in choices:
+            raise ConfigError(f"sgalm.{key}: {s[key]!r} is not one of {list(choices)}")
+    for key in ("iterations", "num_shots", "sample_batch_size", "score_batch_size",
+                "length_bucket", "logprob_chunk_size"):
+        if s[key] < 1:
+            raise ConfigError(f"sgalm.{key}: must be >= 1, got {s[key]}")
+    for key in ("num_samples", "d_steps", "g_steps", "rounds_per_iteration", "heldout_size",
+                "max_new_tokens", "top_k", "log_samples", "anchor_weight"):
+        if s[key] < 0:
+            raise ConfigError(f"sgalm.{key}: must be >= 0, got {s[key]}")
+    if s.final_samples < -1:
+        raise ConfigError(f"sgalm.final_samples: must be >= -1, got {s.final_samples}")
+    if s.temperature < 0 or not 0 < s.top_p <= 1 or s.tau <= 0:
+        raise ConfigError("sgalm.temperature: must be >= 0 (and sgalm.top_p in (0, 1], "
+                          "sgalm.tau > 0)")
+    if s.d_steps + s.g_steps == 0:
+        raise ConfigError("sgalm.d_steps: d_steps and g_steps are both 0")
+    steps_d, steps_g = active_steps(config)
+    if steps_d + steps_g == 0:
+        raise ConfigError(f"sgalm.variant: {s.variant!r} with d_steps={s.d_steps}, "
+                          f"g_steps={s.g_steps} trains nothing")
+    b = config.train.batch_size
+    if b % 2:
+        raise ConfigError(f"train.batch_size: {b} must be even (half real, half generated)")
+    sizes = validate_for_devices(config, jax.device_count(), jax.process_count())
+    dp = sizes["data"] * sizes["fsdp"]
+    half = b // 2 // config.train.grad_accum_steps
+    if (b // 2) % config.train.grad_accum_steps or half % dp:
+        raise ConfigError(
+            f"train.batch_size: the generator step's {b // 2} rows (half of train.batch_size) "
+            f"over train.grad_accum_steps={config.train.grad_accum_steps} micro-batches must "
+            f"divide by the data-parallel size {dp}")
+
+
+def active_steps(config: Any) -> tuple[int, int]:
+    """(D steps, G steps) per round for the variant."""
+    s = config.sgalm
+    d = 0 if s.variant == "g_only" else int(s.d_steps)
+    g = 0 if s.variant == "d_only" else int(s.g_steps)
+    return d, g
+
+
+# ------------------------------------------------------------------------------------ losses
+def discriminator_logits(model: Any, batch: dict[str, jax.Array], labels: LabelTokenIds,
+                         prefix: str = "") -> jax.Array:
+    """``z = z_Real - z_Fake`` [B] of the discriminator prompts in ``batch`` (right-padded rows;
+    ``last`` = the answer position). Only the answer position goes through the LM head."""
+    hidden, _ = model.model(batch[prefix + "input_ids"], batch[prefix + "attention_mask"],
+                            batch[prefix + "positions"])
+    idx = batch[prefix + "last"].astype(jnp.int32)[:, None, None]
+    h = jnp.take_along_axis(hidden, idx, axis=1)  # [B, 1, H]
+    logits = model.logits_from_hidden(h)[:, 0]  # [B, V] float32
+    return discriminator_score_logits(logits, labels.real_id, labels.fake_id)
+
+
+def make_d_loss(graphdef: Any, labels: LabelTokenIds) -> Callable[..., Any]:
+    """``loss_fn(params, batch, rng)``: the discriminator's BCE on real (``is_real`` = 1) and
+    generated rows of one batch."""
+
+    def loss_fn(params, batch, rng):
+        del rng
+        z = discriminator_logits(nnx.merge(graphdef, params), batch, labels)
+        valid = batch["row_mask"]
+        return discriminator_loss(z, z, real_mask=batch["is_real"] * valid,
+                                  fake_mask=(1.0 - batch["is_real"]) * valid)
+
+    return loss_fn
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorOptions:
+    """The generator objective's options (``sgalm`` section)."""
+
+    reward: str = "log_d"
+    form: str = "score_function"
+    advantage: str = "standardize"
+    tau: float = 1.0
+    length_normalize: bool = False
+    anchor_weight: float = 0.0
+    weight: float = 1.0
+    chunk_size: int = 256
+    reward_source: str = "shared"  # shared (current params), separate (a D model), snapshot
+
+    @classmethod
+    def from_config(cls, config: Any) -> "GeneratorOptions":
+        s = config.sgalm
+        if s.variant == "g_only" or s.reward_params == "snapshot":
+            source = "snapshot"
+        else:
+            source = "separate" if s.variant == "two_models" else "shared"
+        return cls(reward=s.reward, form=s.generator_loss, advantage=s.advantage, tau=s.tau,
+                   length_normalize=s.length_normalize, anchor_weight=float(s.anchor_weight),
+                   weight=float(s.g_loss_weight), chunk_size=int(s.logprob_chunk_size),
+                   reward_source=source)
+
+
+def _sequence_logprobs(model, ids, attn, pos, loss_mask, chunk_size):
+    hidden, _ = model.model(ids, attn, pos)
+    targets, mask = shift_targets(ids, loss_mask)
+    return sequence_logprobs_from_hidden(hidden, model.logits_from_hidden, targets, mask,
+                                         chunk_size=chunk_size)
+
+
+def make_g_loss(graphdef: Any, labels: LabelTokenIds, opts: GeneratorOptions
+                ) -> Callable[..., Any]:
+    """``loss_fn(params, batch, rng[, d_params])``: the generator's objective on generated rows.
+
+    The log-prob of each sample under its generator prompt carries the gradient; the reward
+    ``log D(s)`` does not (see the comments below).
+    """
+
+    def loss_fn(params, batch, rng, *extra):
+        del rng
+        model = nnx.merge(graphdef, params)
+        lp = _sequence_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                batch["positions"], batch["loss_mask"], opts.chunk_size)
+        gen_lp = lp.sequence_mean if opts.length_normalize else lp.sequence_sum
+        if opts.reward_source == "snapshot":
+            z = batch["z_snapshot"]  # computed once per iteration by the frozen snapshot
+        else:
+            d_params = params if opts.reward_source == "shared" else extra[0]
+            # Detached: the reward is a constant weight on the generator's likelihood. With
+            # shared weights a gradient through D's logits would only train the classifier to
+            # call fakes real (and sabotage D); it must not reach the params from this loss.
+            d_model = nnx.merge(graphdef, jax.lax.stop_gradient(d_params))
+            z = discriminator_logits(d_model, batch, labels, prefix="d_")
+        anchor = {}
+        if opts.anchor_weight > 0:
+            alp = _sequence_logprobs(model, batch["a_input_ids"], batch["a_attention_mask"],
+                                     batch["a_positions"], batch["a_loss_mask"], opts.chunk_size)
+            anchor = dict(anchor_logprobs=alp.sequence_mean if opts.length_normalize
+                          else alp.sequence_sum, anchor_mask=batch["a_row_mask"],
+                          anchor_weight=opts.anchor_weight)
+        loss, metrics = generator_loss(gen_lp, z, batch["row_mask"], reward=opts.reward,
+                                       form=opts.form, advantage=opts.advantage, tau=opts.tau,
+                                       **anchor)
+        return opts.weight * loss, metrics
+
+    return loss_fn
+
+
+# ------------------------------------------------------------------------------------ scoring
+class DScorer:
+    """Discriminator logits of many prompts under a params pytree (no gradient), batched."""
+
+    def __init__(self, graphdef: Any, labels: LabelTokenIds, mesh: Any, *, batch_size: int,
+                 bucket: int, pad_id: int):
+        dp = sh.data_parallel_size(mesh)
+        self.batch_size = -(-int(batch_size) // dp) * dp
+        self.bucket, self.pad_id, self.mesh = int(bucket), int(pad_id), mesh
+
+        def z_fn(params, batch):
+            return discriminator_logits(nnx.merge(graphdef, params), batch, labels)
+
+        self._fn = jax.jit(z_fn)
+
+    def __call__(self, params: Any, rows: list[list[int]]) -> np.ndarray:
+        out = np.zeros(len(rows), np.float32)
+        order = np.argsort([len(r) for r in rows], kind="stable")  # similar lengths together
+        for start in range(0, len(rows), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            batch = pad_rows([rows[i] for i in idx], bucket=self.bucket, pad_id=self.pad_id,
+                             num_rows=self.batch_size)
+            z = self._fn(params, sh.global_batch_from_local(batch, self.mesh))
+            out[idx] = np.asarray(jax.device_get(z))[:len(idx)]
+        return out
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+# ------------------------------------------------------------------------------------ the run
+@dataclasses.dataclass
+class Roles:
+    """The train states: ``g`` and ``d`` are the same object unless ``two_models``."""
+
+    g: TrainState
+    d: TrainState
+    two: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"g": self.g.to_dict(), "d": self.d.to_dict()} if self.two else self.g.to_dict()
+
+
+class SGALM:
+    """The SGALM loop's state and pieces; :func:`run` drives it. Reused by the demo."""
+
+    def __init__(self, config: Any, workdir: str):
+        self.config, self.workdir = config, workdir
+        s = config.sgalm
+        mesh_shape = validate_for_devices(config, jax.device_count(), jax.process_count())
+        self.mesh = sh.make_mesh(mesh_shape)
+        tok_path = tokenizer_source(config)
+        cache = (os.path.join(workdir, "tokenizer")
+                 if tok_path == BUILTIN_TINY and jax.process_index() == 0 else None)
+        self.tokenizer = load_tokenizer(tok_path, cache_dir=cache)
+        self.mcfg = model_config(config.model)
+        self.eos = eos_token_id(self.tokenizer, self.mcfg.eos_token_ids)
+        self.pad = pad_token_id(self.tokenizer, self.eos)
+        self.data = SGALMData(config, self.tokenizer, eos_id=self.eos)
+        top = max(max(r) for r in self.data.real_d_ids)
+        if top >= self.mcfg.vocab_size:
+            raise ConfigError(f"tokenizer.path: token id {top} is outside the model's vocabulary "
+                              f"({self.mcfg.vocab_size}); the tokenizer does not match the model")
+        self.num_samples = int(s.num_samples) or len(self.data.pool)
+        self.heldout_fakes = min(int(s.heldout_size), self.num_samples // 4)
+        self.half = config.train.batch_size // 2
+        self.steps_d, self.steps_g = active_steps(config)
+        per_round = self.steps_d + self.steps_g
+        train_fakes = self.num_samples - self.heldout_fakes
+        self.rounds = int(s.rounds_per_iteration) or max(1, math.ceil(train_fakes / self.half))
+        self.per_iter = self.rounds * per_round
+        self.total_updates = int(s.iterations) * self.per_iter
+        self.max_new_tokens = int(s.max_new_tokens) or self.data.p99_length + 16
+        self.gen_opts = GeneratorOptions.from_config(config)
+        log.info("SGALM %s: %d iterations x %d rounds x (%d D + %d G steps); %d samples per "
+                 "iteration (%d held out), up to %d new tokens; %d real samples (+%d held out)",
+                 s.variant, s.iterations, self.rounds, self.steps_d, self.steps_g,
+                 self.num_samples, self.heldout_fakes, self.max_new_tokens,
+                 len(self.data.pool), len(self.data.heldout))
+
+    # ---------------------------------------------------------------- states
+    def build_states(self, ckpt: Checkpointer, resume_step: int | None
+                     ) -> tuple[Any, Roles, dict[str, Any]]:
+        cfg = self.config
+        two = cfg.sgalm.variant == "two_models"
+        if resume_step is None:
+            model = build_model(cfg.model, mesh=self.mesh, seed=cfg.seed)
+        else:
+            from sgalm_jax.models import CausalLM
+
+            model = nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0)))
+        graphdef, params = split_model(model)
+        del model
+        n_g = int(cfg.sgalm.iterations) * self.rounds * (self.steps_g if two else
+                                                         self.steps_d + self.steps_g)
+        n_d = int(cfg.sgalm.iterations) * self.rounds * self.steps_d
+        self.tx_g, self.lr_g = make_optimizer(cfg.optimizer, num_steps=max(n_g, 1), params=params)
+        self.tx_d, self.lr_d = (make_optimizer(cfg.optimizer, num_steps=max(n_d, 1),
+                                               params=params) if two else (self.tx_g, self.lr_g))
+        pshard = sh.state_shardings(params, self.mesh)
+        meta: dict[str, Any] = {}
+        if resume_step is None:
+            g, shard = create_train_state(params, self.tx_g, seed=cfg.seed, mesh=self.mesh,
+                                          params_shardings=pshard)
+            if two:
+                # Separate buffers: the steps donate their state, so D must not alias G's params.
+                d_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
+                                   out_shardings=pshard)(g.params)
+                d, _ = create_train_state(d_params, self.tx_d, seed=cfg.seed + 1, mesh=self.mesh,
+                                          params_shardings=pshard)
+            else:
+                d = g
+            roles = Roles(g, d, two)
+            self.shardings = shard
+        else:
+            def abstract(tx):
+                st = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                                opt_state=jax.eval_shape(tx.init, params),
+                                rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                return st, train_state_shardings(st, self.mesh, pshard)
+
+            ag, shard = abstract(self.tx_g)
+            target = abstract_like(ag.to_dict(), shard.to_dict())
+            if two:
+                ad, dshard = abstract(self.tx_d)
+                target = {"g": target, "d": abstract_like(ad.to_dict(), dshard.to_dict())}
+            restored, meta = ckpt.restore(target, resume_step)
+            if two:
+                roles = Roles(TrainState.from_dict(restored["g"]),
+                              TrainState.from_dict(restored["d"]), True)
+            else:
+                st = TrainState.from_dict(restored)
+                roles = Roles(st, st, False)
+            self.shardings = shard
+            log.info("resumed from %s at update %d (iteration %d, step %d of %d)", ckpt.directory,
+                     resume_step, meta.get("iteration", 0), meta.get("iter_step", 0),
+                     self.per_iter)
+        self.graphdef = graphdef
+        return graphdef, roles, meta
+
+    def make_steps(self, roles: Roles) -> None:
+        cfg = self.config
+        trainable = (trainable_mask(roles.g.params, cfg.optimizer.freeze)
+                     if cfg.optimizer.freeze else None)
+        common = dict(mesh=self.mesh, state_shardings=self.shardings,
+                      grad_accum_steps=cfg.train.grad_accum_steps,
+                      compute_dtype=cfg.train.compute_dtype or None, trainable=trainable)
+        labels = self.data.labels
+        self.d_step = make_train_step(make_d_loss(self.graphdef, labels), self.tx_d,
+                                      learning_rate=self.lr_d, **common)
+        extra = (self.shardings.params,) if self.gen_opts.reward_source == "separate" else ()
+        self.g_step = make_train_step(make_g_loss(self.graphdef, labels, self.gen_opts), self.tx_g,
+                                      learning_rate=self.lr_g, extra_shardings=extra, **common)
+        self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
+                               min_batch_bucket=int(cfg.sgalm.sample_batch_size))
+        self.scorer = DScorer(self.graphdef, labels, self.mesh,
+                              batch_size=cfg.sgalm.score_batch_size,
+                              bucket=cfg.sgalm.length_bucket, pad_id=self.pad)
+
+    # ---------------------------------------------------------------- sampling + diagnostics
+    def sample(self, g_params: Any, d_params: Any, num: int, tag: Any, heldout: int
+               ) -> list[Sample]:
+        s = self.config.sgalm
+        start = time.perf_counter()
+        samples = self.data.generate(
+            self.sampler, g_params, num, rng_seed=(self.config.seed, 1, zlib.crc32(str(tag).encode())),
+            max_new_tokens=self.max_new_tokens, temperature=float(s.temperature),
+            top_p=float(s.top_p), top_k=int(s.top_k), batch_size=int(s.sample_batch_size),
+            heldout=heldout, progress=self.config.metrics.progress_bar)
+        z = self.scorer(d_params, [self.data.d_ids(x.text) for x in samples])
+        for x, zi in zip(samples, z):
+            x.z_snapshot = float(zi)
+        log.info("sampled %d samples (%s) in %.1fs", num, tag, time.perf_counter() - start)
+        return samples
+
+    def diagnostics(self, d_params: Any, samples: list[Sample], prefix: str = "diag/"
+                    ) -> dict[str, float]:
+        """Mean D on held-out / training reals and on the samples, D accuracy on held-out reals
+        vs held-out samples, the fake-score alarm, validity and diversity of the samples."""
+        data = self.data
+        n = len(data.heldout)
+        z_held = self.scorer(d_params, data.heldout_d_ids) if n else np.zeros(0)
+        z_train = self.scorer(d_params, data.real_d_ids[:max(n, 1)])
+        z_fake = np.asarray([x.z_snapshot for x in samples], np.float64)
+        held = [i for i, x in enumerate(samples) if x.heldout] or list(range(len(samples)))
+        zf_held = z_fake[held]
+        right = np.concatenate([z_held > 0, zf_held < 0])
+        texts = [x.text for x in samples]
+        out = {
+            "d_heldout_real": float(sigmoid(z_held).mean()) if n else float("nan"),
+            "d_train_real": float(sigmoid(z_train).mean()),
+            "d_fake": float(sigmoid(z_fake).mean()),
+            "d_heldout_fake": float(sigmoid(zf_held).mean()),
+            "d_acc_heldout": float(right.mean()) if right.size else float("nan"),
+            "well_formed": float(np.mean([x.well_formed for x in samples])),
+            "stopped": float(np.mean([x.stopped for x in samples])),
+            "sample_tokens": float(np.mean([len(x.completion_ids) for x in samples])),
+        }
+        out["fake_alarm"] = float(out["d_fake"] < 0.1)
+        valid = [x.valid for x in samples if x.valid is not None]
+        if valid:
+            out["validity"] = float(np.mean(valid))
+        out.update(diag.diversity(texts, data.real_texts))
+        return {prefix + k: v for k, v in out.items()}
+
+    def end_of_iteration(self, d_params: Any, samples: list[Sample]) -> dict[str, float]:
+        """D on held-out reals and held-out samples after this iteration's D steps."""
+        held = [x for x in samples if x.heldout] or samples
+        z_fake = self.scorer(d_params, [self.data.d_ids(x.text) for x in held])
+        z_real = self.scorer(d_params, self.data.heldout_d_ids) if self.data.heldout else []
+        z_real = np.asarray(z_real)
+        right = np.concatenate([z_real > 0, z_fake < 0])
+        return {"diag/end_d_heldout_real": float(sigmoid(z_real).mean()) if z_real.size else
+                float("nan"),
+                "diag/end_d_heldout_fake": float(sigmoid(z_fake).mean()),
+                "diag/end_d_acc_heldout": float(right.mean())}
+
+    # ---------------------------------------------------------------- batches
+    def d_batch(self, samples: list[Sample], mb: Minibatches, index: int) -> dict[str, Any]:
+        fakes = [samples[i] for i in mb.fakes(index)]
+        reals = mb.reals(index)
+        rows = [self.data.real_d_ids[i] for i in reals] + [self.data.d_ids(x.text) for x in fakes]
+        batch = pad_rows(rows, bucket=self.config.sgalm.length_bucket, pad_id=self.pad)
+        batch["is_real"] = np.asarray([1.0] * len(reals) + [0.0] * len(fakes), np.float32)
+        return batch
+
+    def g_batch(self, samples: list[Sample], mb: Minibatches, index: int) -> dict[str, Any]:
+        bucket = self.config.sgalm.length_bucket
+        fakes = [samples[i] for i in mb.fakes(index, stream=2)]
+        rows, masks = zip(*(self.data.g_row(x.prompt, x.completion_ids) for x in fakes))
+        batch = pad_rows(rows, loss_masks=masks, bucket=bucket, pad_id=self.pad)
+        if self.gen_opts.reward_source == "snapshot":
+            batch["z_snapshot"] = np.asarray([x.z_snapshot for x in fakes], np.float32)
+        else:
+            batch.update(pad_rows([self.data.d_ids(x.text) for x in fakes], bucket=bucket,
+                                  pad_id=self.pad, prefix="d_"))
+        if self.gen_opts.anchor_weight > 0:
+            reals = mb.reals(index, stream=3)
+            arows, amasks = zip(*(self.data.g_row(x.prompt, self.data.real_sample_ids[r])
+                                  for x, r in zip(fakes, reals)))
+            batch.update(pad_rows(arows, loss_masks=amasks, bucket=bucket, pad_id=self.pad,
+                                  prefix="a_"))
+        return batch
+
+
+def _d_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    m = dict(m)
+    m.pop("loss", None)
+    m["d_grad_norm"] = m.pop("grad_norm")
+    if "learning_rate" in m:
+        m["d_lr"] = m.pop("learning_rate")
+    return m
+
+
+def _g_metrics(m: dict[str, Any]) -> dict[str, Any]:
+    m = dict(m)
+    m.pop("loss", None)
+    m["g_reward_d"] = m.pop("d_fake")
+    m["g_grad_norm"] = m.pop("grad_norm")
+    if "learning_rate" in m:
+        m["g_lr"] = m.pop("learning_rate")
+    return m
+
+
+def _fmt(record: dict[str, Any], keys: tuple[str, ...]) -> str:
+    return ", ".join(f"{k.split('/')[-1]} {record[k]:.3f}" for k in keys
+                     if k in record and isinstance(record[k], float) and not math.isnan(record[k]))
+
+
+def run(config: Any, workdir: str) -> dict[str, Any]:
+    """Train; returns the last diagnostics (and ``preempted`` / ``export`` entries)."""
+    algo = SGALM(config, workdir)
+    s = config.sgalm
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
+                        every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save)
+    resume_step = ckpt.latest_step() if config.checkpoint.resume else None
+    graphdef, roles, meta = algo.build_states(ckpt, resume_step)
+    algo.make_steps(roles)
+
+    t = int(meta.get("iteration", 0))
+    i0 = int(meta.get("iter_step", 0))
+    if i0 >= algo.per_iter:
+        t, i0 = t + 1, 0
+    iterations = int(s.iterations)
+    out: dict[str, Any] = {}
+    preempted = False
+    u = t * algo.per_iter + i0
+    with PreemptionGuard() as guard, MetricsWriter(
+            workdir, total_steps=algo.total_updates, initial_step=u,
+            tensorboard=config.metrics.tensorboard, progress_bar=config.metrics.progress_bar,
+            bar_keys=("d_loss", "d_acc", "g_loss")) as writer:
+        while t < iterations and not preempted:
+            path = samples_path(workdir, t)
+            resumed = os.path.exists(path)
+            if resumed:
+                samples = load_samples(path)
+                log.info("iteration %d: reusing the %d samples of %s", t, len(samples), path)
+            else:
+                samples = algo.sample(roles.g.params, roles.d.params, algo.num_samples, t,
+                                      algo.heldout_fakes)
+                save_samples(path, samples)
+            if not (resumed and i0 > 0):  # the iteration-start diagnostics (once per iteration)
+                rec = algo.diagnostics(roles.d.params, samples)
+                rec["diag/iteration"] = t
+                out = writer.write(u, rec)
+                print(f"iteration {t} start: " + _fmt(out, ("diag/d_acc_heldout",
+                      "diag/d_heldout_real", "diag/d_fake", "diag/validity", "diag/well_formed",
+                      "diag/distinct_2")), flush=True)
+                if rec["diag/fake_alarm"]:
+                    log.warning("fake-score alarm: mean D on this iteration's samples is %.3f < "
+                                "0.1; D has won and the generator's reward is nearly flat",
+                                rec["diag/d_fake"])
+                for x in samples[:s.log_samples]:
+                    writer.write_text(u, f"samples/iter_{t:03d}", x.text)
+            train = [x for x in samples if not x.heldout]
+            mb = Minibatches(len(train), len(algo.data.pool), algo.half, config.seed, t)
+            per_round = algo.steps_d + algo.steps_g
+            for i in range(i0, algo.per_iter):
+                rnd, within = divmod(i, per_round)
+                if within < algo.steps_d:
+                    batch = algo.d_batch(train, mb, rnd * algo.steps_d + within)
+                    new_d, m = algo.d_step(roles.d, sh.global_batch_from_local(batch, algo.mesh))
+                    roles = Roles(roles.g if roles.two else new_d, new_d, roles.two)
+                    m = _d_metrics(jax.device_get(m))
+                else:
+                    batch = algo.g_batch(train, mb, rnd * algo.steps_g + within - algo.steps_d)
+                    extra = (roles.d.params,) if algo.gen_opts.reward_source == "separate" else ()
+                    new_g, m = algo.g_step(roles.g, sh.global_batch_from_local(batch, algo.mesh),
+                                           *extra)
+                    roles = Roles(new_g, roles.d if roles.two else new_g, roles.two)
+                    m = _g_metrics(jax.device_get(m))
+                u += 1
+                if u % config.train.log_every == 0 or i + 1 == algo.per_iter:
+                    m["iteration"] = t
+                    writer.write(u, m)
+                stop = guard.should_stop(u)
+                if ckpt.should_save(u) or stop or i + 1 == algo.per_iter:
+                    ckpt.save(u, roles.to_dict(), {"iteration": t, "iter_step": i + 1,
+                                                   "update": u, "time": time.time()})
+                inject_fault(u)
+                if stop:
+                    preempted = True
+                    break
+            if preempted:
+                break
+            rec = algo.end_of_iteration(roles.d.params, samples)
+            rec["diag/iteration"] = t
+            out.update(writer.write(u, rec))
+            print(f"iteration {t} end: " + _fmt(rec, ("diag/end_d_acc_heldout",
+                  "diag/end_d_heldout_real", "diag/end_d_heldout_fake")), flush=True)
+            t, i0 = t + 1, 0
+        ckpt.wait()
+        ckpt.close()
+        if preempted:
+            writer.flush()
+            log.warning("preempted: checkpoint of update %d saved to %s; rerun the same command "
+                        "to resume", u, ckpt.directory)
+            return {**out, "preempted": True, "update": u}
+        n_final = algo.num_samples if s.final_samples < 0 else int(s.final_samples)
+        if n_final:
+            final = algo.sample(roles.g.params, roles.d.params, n_final, "final",
+                                min(algo.heldout_fakes, n_final // 4))
+            save_samples(samples_path(workdir, "final"), final)
+            rec = algo.diagnostics(roles.d.params, final)
+            rec["diag/iteration"] = iterations
+            out.update(writer.write(u, rec))
+            print("after training: " + _fmt(out, ("diag/d_acc_heldout", "diag/d_heldout_real",
+                  "diag/d_fake", "diag/validity", "diag/well_formed", "diag/distinct_2")),
+                  flush=True)
+        writer.flush()
+    out.update({"preempted": False, "update": u})
+    if config.checkpoint.export:
+        from sgalm_jax.models import save_pretrained
+
+        export_dir = os.path.join(workdir, "export")
+        save_pretrained(merge_model(graphdef, roles.g.params), export_dir,
+                        tokenizer=algo.tokenizer, dtype=config.checkpoint.export_dtype or None)
+        out["export"] = export_dir
+        if roles.two:
+            save_pretrained(merge_model(graphdef, roles.d.params),
+                            os.path.join(workdir, "export_discriminator"),
+                            tokenizer=algo.tokenizer,
+                            dtype=config.checkpoint.export_dtype or None)
+        log.info("exported the generator in HF format to %s", export_dir)
+    return out
