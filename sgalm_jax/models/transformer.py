@@ -235,7 +235,8 @@ class DecoderModel(nnx.Module):
         b, t = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
-        attention_mask = attention_mask.astype(bool)
+        segments = attention_mask.astype(jnp.int32)  # 0 = padding, k > 0 = packed example k
+        attention_mask = segments > 0
         if positions is None:
             if cache is not None:
                 raise ValueError("positions are required when decoding with a cache")
@@ -248,7 +249,10 @@ class DecoderModel(nnx.Module):
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
             q_slot, k_slot = cache.index + jnp.arange(t), jnp.arange(cache.length)
         causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
-        mask = (causal[None, :, :] & key_valid[:, None, :])[:, None, :, :]  # [B, 1, T, S]
+        mask = causal[None, :, :] & key_valid[:, None, :]  # [B, T, S]
+        if cache is None:  # packed rows: a token attends only within its own example
+            mask = mask & (segments[:, :, None] == segments[:, None, :])
+        mask = mask[:, None, :, :]  # [B, 1, T, S]
 
         x = self.embed_tokens(input_ids)
         new_k, new_v = [], []
@@ -294,6 +298,9 @@ class CausalLM(nnx.Module):
 
         ``attention_mask`` [B, T] marks real tokens (0 = padding, left or right). Without explicit
         ``positions`` they are derived from the mask, so left-padded rows start at position 0.
+        For packed rows, give each example its own positive segment id in ``attention_mask``
+        (1, 2, 3, ...) and pass ``positions`` restarting at 0 per example: tokens then attend only
+        within their own example.
         """
         hidden, new_cache = self.model(input_ids, attention_mask, positions, cache)
         logits = self.logits_from_hidden(hidden)

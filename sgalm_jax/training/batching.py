@@ -8,14 +8,15 @@ and every host computes the same global batch and keeps only its own rows.
 Each example is a token sequence with a per-token loss mask (1 = the token is a training target,
 e.g. a response token). Batches are dicts of numpy arrays ``[B, T]``:
 
-- ``input_ids`` int32, ``attention_mask`` int32 (1 = real token), ``positions`` int32,
+- ``input_ids`` int32, ``attention_mask`` int32 (0 = padding, else the 1-based index of the
+  example within its row: always 1 unless packing), ``positions`` int32,
   ``loss_mask`` float32 (over input positions, as :func:`sgalm_jax.losses.shift_targets` expects).
 
 Padding (default): rows are right-padded to the smallest power-of-two bucket (at least
 ``min_bucket``, at most ``max_length``) that fits the longest row, so a few shapes get compiled.
 Packing: examples are concatenated greedily into rows of exactly ``max_length``, positions restart
-at 0 for each example. Attention is not blocked between packed examples (the model takes a
-``[B, T]`` padding mask, not segment ids), as in HF's ``ConstantLengthDataset``.
+at 0 for each example, and the attention mask carries segment ids so that packed examples never
+attend to each other (the model masks attention across segments).
 """
 
 from __future__ import annotations
@@ -151,12 +152,12 @@ class BatchSource:
         loss = np.zeros((b, width), np.float32)
         for r, row in enumerate(rows):
             at = 0
-            for i in row:
+            for segment, i in enumerate(row, start=1):
                 ex = self.examples[i]
                 n = min(len(ex), width - at)
                 ids[r, at:at + n] = ex.input_ids[:n]
                 loss[r, at:at + n] = ex.loss_mask[:n]
-                attn[r, at:at + n] = 1
+                attn[r, at:at + n] = segment  # segment ids: packed examples don't see each other
                 pos[r, at:at + n] = np.arange(n)
                 at += n
         return {"input_ids": ids, "attention_mask": attn, "positions": pos, "loss_mask": loss}

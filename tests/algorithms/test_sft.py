@@ -127,16 +127,18 @@ def test_packing_restarts_positions_per_example():
     b = src.batch(0)
     assert b["input_ids"].shape == (2, 48)
     row_ids, row_pos, real = b["input_ids"][0], b["positions"][0], b["attention_mask"][0]
-    starts = np.flatnonzero((row_pos == 0) & (real == 1))
+    starts = np.flatnonzero((row_pos == 0) & (real > 0))
     assert len(starts) >= 2  # several examples in one row
     for s in starts:  # each segment is one whole example from its first token, positions 0, 1, ..
         assert row_ids[s] % 1000 == 0
-    segment = np.split(row_pos[real == 1], starts[1:])
+    segment = np.split(row_pos[real > 0], starts[1:])
     assert all(seg.tolist() == list(range(len(seg))) for seg in segment)
+    # The attention mask numbers the examples of the row 1, 2, ... (segment ids).
+    assert [int(real[s]) for s in starts] == list(range(1, len(starts) + 1))
     # Every example is used at most once per epoch.
     firsts = [int(b2["input_ids"][r, s]) // 1000 for i in range(src.batches_in_epoch(0))
               for b2 in [src.batch(i)] for r in range(2)
-              for s in np.flatnonzero((b2["positions"][r] == 0) & (b2["attention_mask"][r] == 1))]
+              for s in np.flatnonzero((b2["positions"][r] == 0) & (b2["attention_mask"][r] > 0))]
     assert len(firsts) == len(set(firsts))
 
 

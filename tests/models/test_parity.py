@@ -110,3 +110,19 @@ def test_bf16_compute_with_fp32_params(hf_model_dir):
     assert out.dtype == jnp.float32
     ref = np.asarray(our_logits(fp32, ids, mask))
     assert np.abs(np.asarray(out) - ref)[mask.astype(bool)].max() < 0.05
+
+
+def test_packed_segments_equal_separate_rows(hf_model_dir):
+    """Segment ids in the attention mask keep packed examples from attending to each other."""
+    ours = load_pretrained(hf_model_dir("qwen2"))
+    rng = np.random.RandomState(5)
+    a, b = rng.randint(0, 1000, 20), rng.randint(0, 1000, 12)
+    packed = np.concatenate([a, b, np.zeros(4, int)])[None]
+    segments = np.array([[1] * 20 + [2] * 12 + [0] * 4])
+    positions = np.array([list(range(20)) + list(range(12)) + [0] * 4])
+    got = np.asarray(ours(jnp.asarray(packed), attention_mask=jnp.asarray(segments),
+                          positions=jnp.asarray(positions)))
+    alone_a = np.asarray(ours(jnp.asarray(a[None])))
+    alone_b = np.asarray(ours(jnp.asarray(b[None])))
+    np.testing.assert_allclose(got[0, :20], alone_a[0], atol=1e-5)
+    np.testing.assert_allclose(got[0, 20:32], alone_b[0], atol=1e-5)
