@@ -55,16 +55,8 @@ def model_flops_per_token(cfg, seq: int, backward: bool) -> float:
     return per_token * (3 if backward else 1)
 
 
-def timeit(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
-
-
-def bench_ours(path: str, ids: np.ndarray, dtype: str, warmup: int, iters: int):
+def bench_ours(path: str, ids: np.ndarray, dtype: str):
+    """(forward, forward+backward) callables of our model, compiled and warmed up."""
     from flax import nnx
 
     from sgalm_jax.models import load_pretrained
@@ -83,12 +75,12 @@ def bench_ours(path: str, ids: np.ndarray, dtype: str, warmup: int, iters: int):
         return -jnp.mean(jnp.take_along_axis(logp, x[:, 1:, None], axis=-1))
 
     grad = jax.jit(jax.value_and_grad(loss))
-    fwd = timeit(lambda: forward(params, x).block_until_ready(), warmup, iters)
-    bwd = timeit(lambda: jax.block_until_ready(grad(params, x)), warmup, iters)
-    return fwd, bwd
+    return (lambda: forward(params, x).block_until_ready(),
+            lambda: jax.block_until_ready(grad(params, x)))
 
 
-def bench_torch(path: str, ids: np.ndarray, dtype: str, warmup: int, iters: int):
+def bench_torch(path: str, ids: np.ndarray, dtype: str):
+    """(forward, forward+backward) callables of transformers' model on the same weights."""
     import torch
     import transformers
 
@@ -111,7 +103,26 @@ def bench_torch(path: str, ids: np.ndarray, dtype: str, warmup: int, iters: int)
         loss.backward()
         sync()
 
-    return timeit(forward, warmup, iters), timeit(backward, warmup, iters)
+    return forward, backward
+
+
+def alternating_times(sides: dict[str, tuple], warmup: int, rounds: int) -> dict[str, list]:
+    """Median seconds per call of each side's (forward, backward), timed in alternating rounds.
+
+    Alternating keeps a neighbour's load from landing on one side only (the CPU may be shared).
+    """
+    for fns in sides.values():
+        for fn in fns:
+            for _ in range(warmup):
+                fn()
+    times = {name: [[], []] for name in sides}
+    for _ in range(rounds):
+        for name, fns in sides.items():
+            for k, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn()
+                times[name][k].append(time.perf_counter() - start)
+    return {name: [float(np.median(t)) for t in ts] for name, ts in times.items()}
 
 
 def main(argv=None) -> None:
@@ -121,11 +132,21 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=5, help="timed rounds (median reported)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU only: limit both sides to N threads (1 = single-threaded)")
     p.add_argument("--no-torch", action="store_true", help="only time our model")
     args = p.parse_args(argv)
 
+    if args.threads:  # before the XLA backend starts
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   " --xla_cpu_multi_thread_eigen="
+                                   f"{'false' if args.threads == 1 else 'true'} "
+                                   f"intra_op_parallelism_threads={args.threads}")
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import transformers
 
     cfg = PRESETS[args.preset]
@@ -141,8 +162,11 @@ def main(argv=None) -> None:
           f"jax device: {device.device_kind} x{jax.device_count()}  "
           f"torch threads: {torch.get_num_threads()}  cpus: {os.cpu_count()}")
 
-    ours = bench_ours(tmp, ids, args.dtype, args.warmup, args.iters)
-    theirs = None if args.no_torch else bench_torch(tmp, ids, args.dtype, args.warmup, args.iters)
+    sides = {"ours": bench_ours(tmp, ids, args.dtype)}
+    if not args.no_torch:
+        sides["torch"] = bench_torch(tmp, ids, args.dtype)
+    times = alternating_times(sides, args.warmup, args.iters)
+    ours, theirs = times["ours"], times.get("torch")
     peak = peak_flops(device)
     print(f"{'pass':<18}{'ours tok/s':>14}{'torch tok/s':>14}{'ratio':>8}{'MFU':>8}")
     for k, name in enumerate(["forward", "forward+backward"]):

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sgalm_jax import sharding as sh
 from sgalm_jax.losses.common import shift_targets, token_logprobs
+from sgalm_jax.models.config import resolve_dtype
 from sgalm_jax.training.batching import bucket_length
 
 __all__ = ["ScoreResult", "SequenceScorer", "chunked_scores"]
@@ -79,7 +80,11 @@ def chunked_scores(model: Any, hidden: jax.Array, targets: jax.Array, mask: jax.
     return total, jnp.sum(m, axis=-1), greedy
 
 
-def _score_batch(graphdef, chunk_size, params, ids, attn, loss_mask):
+def _score_batch(graphdef, chunk_size, compute_dtype, params, ids, attn, loss_mask):
+    if compute_dtype is not None:  # the numerics of a train step with train.compute_dtype
+        params = jax.tree.map(
+            lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+            params)
     model = nnx.merge(graphdef, params)
     positions = jnp.maximum(jnp.cumsum(attn, axis=-1) - 1, 0).astype(jnp.int32)
     hidden, _ = model.model(ids, attn, positions)
@@ -98,6 +103,8 @@ class SequenceScorer:
       max_length: the longest padded length (sequences must not be longer).
       pad_id: filler token id.
       chunk_size: positions per head projection (0 = all at once).
+      compute_dtype: cast floating params to this dtype first (what ``make_train_step`` does with
+        ``train.compute_dtype``), so reference log-probs have the train step's numerics.
 
     ``calls`` counts :meth:`score` calls and ``forwards`` the batches run, so a training loop can
     show how often it scored (the self-play loop: once per iteration).
@@ -105,7 +112,7 @@ class SequenceScorer:
 
     def __init__(self, graphdef: Any, *, mesh: Mesh | None = None, batch_size: int = 64,
                  min_bucket: int = 32, max_length: int = 4096, pad_id: int = 0,
-                 chunk_size: int = 256):
+                 chunk_size: int = 256, compute_dtype: Any = None):
         self.mesh = mesh
         dp = sh.data_parallel_size(mesh) if mesh is not None else 1
         self.batch_size = -(-max(int(batch_size), 1) // dp) * dp
@@ -114,7 +121,8 @@ class SequenceScorer:
         self.pad_id = int(pad_id)
         self.calls = 0
         self.forwards = 0
-        self._fn = jax.jit(functools.partial(_score_batch, graphdef, int(chunk_size)))
+        dtype = resolve_dtype(compute_dtype) if compute_dtype else None
+        self._fn = jax.jit(functools.partial(_score_batch, graphdef, int(chunk_size), dtype))
 
     @property
     def num_compilations(self) -> int:

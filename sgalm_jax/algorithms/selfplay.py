@@ -345,7 +345,8 @@ class _Run:
                                          batch_size=sp.ref_batch_size,
                                          min_bucket=self.config.data.min_bucket,
                                          max_length=self.config.data.max_length, pad_id=self.pad,
-                                         chunk_size=sp.logprob_chunk_size)
+                                         chunk_size=sp.logprob_chunk_size,
+                                         compute_dtype=self.config.train.compute_dtype or None)
 
     # ---------------------------------------------------------------- generation + reference
     def prepare_iteration(self, t: int, params: Any, guard: PreemptionGuard) -> IterationData | None:

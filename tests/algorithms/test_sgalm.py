@@ -38,6 +38,7 @@ def tiny_config(workdir, **overrides):
     spec.loader.exec_module(mod)
     config = mod.get_config()
     config.workdir = str(workdir)
+    config.train.batch_size = 16  # in-process runs see the 8 simulated devices: 8 rows per half
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -85,7 +86,7 @@ def test_discriminator_score_matches_transformers(qwen_tokenizer, tmp_path):
 
     model = load_pretrained(tmp_path)
     batch = {k: jnp.asarray(v) for k, v in pad_rows(rows, bucket=16, pad_id=0).items()}
-    z = sgalm.discriminator_logits(model, batch, labels)  # right-padded rows, two lengths
+    z = jax.jit(lambda m, b: sgalm.discriminator_logits(m, b, labels))(model, batch)  # 2 lengths
     np.testing.assert_allclose(np.asarray(jax.nn.sigmoid(z)), by_hand, rtol=0, atol=1e-5)
 
 
@@ -121,27 +122,27 @@ def _tree_allclose(a, b, **kw):
 
 def test_generator_gradient_is_the_score_function_estimator(small_model):
     """grad L_G = -mean_j A_j grad log p(s_j | prompt_j), A = standardize(log D) computed by hand
-    (each row's log-prob through the full-logits path, one row at a time)."""
+    (the rows' log-probs through the full-logits path, their Jacobian taken separately)."""
     from flax import nnx
 
     graphdef, params, batch, labels, g_rows, g_masks = small_model
     z = np.asarray([1.5, -0.3, 0.2, -2.0], np.float32)
     snap = dict(batch, z_snapshot=jnp.asarray(z))
     loss_fn = sgalm.make_g_loss(graphdef, labels, sgalm.GeneratorOptions(reward_source="snapshot"))
-    grads = jax.grad(lambda p: loss_fn(p, snap, None)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, snap, None)[0]))(params)
 
     r = -np.log1p(np.exp(-z.astype(np.float64)))  # log D = log sigmoid(z)
     a = (r - r.mean()) / (r.std() + 1e-6)
-    expected = jax.tree.map(jnp.zeros_like, params)
-    for j, (ids, mask) in enumerate(zip(g_rows, g_masks)):
-        ids_j = jnp.asarray([ids])
+    # Per-row gradients of log p(s_j | prompt_j) through the full [B, T, V] logits (not the
+    # chunked path the loss uses): the Jacobian of the 4 sequence log-probs.
+    ids, mask = batch["input_ids"], batch["loss_mask"]
 
-        def logp(p, ids_j=ids_j, mask=mask):
-            logits = nnx.merge(graphdef, p)(ids_j)
-            return causal_lm_logprobs(logits, ids_j, jnp.asarray([mask])).sequence_sum[0]
+    def logps(p):
+        logits = nnx.merge(graphdef, p)(ids, batch["attention_mask"], batch["positions"])
+        return causal_lm_logprobs(logits, ids, mask).sequence_sum
 
-        g = jax.grad(logp)(params)
-        expected = jax.tree.map(lambda e, gi, aj=a[j]: e - aj * gi / len(g_rows), expected, g)
+    jac = jax.jit(jax.jacrev(logps))(params)
+    expected = jax.tree.map(lambda j: -jnp.tensordot(jnp.asarray(a, j.dtype), j, 1) / len(a), jac)
     _tree_allclose(grads, expected, rtol=2e-4, atol=2e-6)
 
 
@@ -151,14 +152,15 @@ def test_reward_path_is_detached(small_model):
     params exactly zero gradient, and the D loss has no generator path at all."""
     graphdef, params, batch, labels, _, _ = small_model
     shared = sgalm.make_g_loss(graphdef, labels, sgalm.GeneratorOptions(reward_source="shared"))
-    g_shared, m_shared = jax.grad(lambda p: shared(p, batch, None), has_aux=True)(params)
+    g_shared, m_shared = jax.jit(jax.grad(lambda p: shared(p, batch, None), has_aux=True))(params)
     d_batch = {k[2:]: v for k, v in batch.items() if k.startswith("d_")}
     from flax import nnx
 
-    z = sgalm.discriminator_logits(nnx.merge(graphdef, params), d_batch, labels)
+    z = jax.jit(lambda p: sgalm.discriminator_logits(nnx.merge(graphdef, p), d_batch, labels))(
+        params)
     snap = sgalm.make_g_loss(graphdef, labels, sgalm.GeneratorOptions(reward_source="snapshot"))
-    g_snap = jax.grad(lambda p: snap(p, dict(batch, z_snapshot=z), None)[0])(params)
-    _tree_allclose(g_shared, g_snap, rtol=1e-5, atol=1e-8)
+    g_snap = jax.jit(jax.grad(lambda p: snap(p, dict(batch, z_snapshot=z), None)[0]))(params)
+    _tree_allclose(g_shared, g_snap, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(float(m_shared["d_fake"]), float(jnp.mean(jax.nn.sigmoid(z))),
                                rtol=1e-6)
 
@@ -170,13 +172,13 @@ def test_reward_path_is_detached(small_model):
         zz = sgalm.discriminator_logits(nnx.merge(graphdef, p), d_batch, labels)
         return -jnp.mean(jax.nn.log_sigmoid(zz)) - jnp.mean(lp * 0.0)
 
-    g_d_path = jax.grad(undetached)(params)
+    g_d_path = jax.jit(jax.grad(undetached))(params)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(g_d_path)) > 1e-4
 
     separate = sgalm.make_g_loss(graphdef, labels,
                                  sgalm.GeneratorOptions(reward_source="separate"))
     d_params = jax.tree.map(lambda x: x * 1.01, params)
-    g_to_d = jax.grad(lambda dp: separate(params, batch, None, dp)[0])(d_params)
+    g_to_d = jax.jit(jax.grad(lambda dp: separate(params, batch, None, dp)[0]))(d_params)
     assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(g_to_d))
 
 
@@ -187,14 +189,14 @@ def test_discriminator_loss_and_gradient(small_model):
     d_batch["is_real"] = jnp.asarray([1.0, 1.0, 0.0, 0.0])
     d_batch["row_mask"] = jnp.asarray([1.0, 1.0, 1.0, 0.0])  # last row is filler
     loss_fn = sgalm.make_d_loss(graphdef, labels)
-    loss, m = loss_fn(params, d_batch, None)
+    loss, m = jax.jit(loss_fn)(params, d_batch, None)
     from flax import nnx
 
     z = np.asarray(sgalm.discriminator_logits(nnx.merge(graphdef, params), d_batch, labels),
                    np.float64)
     by_hand = np.mean(np.log1p(np.exp(-z[:2]))) + np.log1p(np.exp(z[2]))
     np.testing.assert_allclose(float(loss), by_hand, rtol=1e-5)
-    grads = jax.grad(lambda p: loss_fn(p, d_batch, None)[0])(params)
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, d_batch, None)[0]))(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
 
@@ -322,7 +324,7 @@ def test_discriminator_steps_learn_on_heldout_samples(tmp_path):
         "sgalm.variant": "d_only", "sgalm.iterations": 1, "sgalm.num_samples": 64,
         "sgalm.heldout_size": 32, "sgalm.rounds_per_iteration": 12, "sgalm.max_new_tokens": 96,
         "sgalm.sample_batch_size": 32, "sgalm.final_samples": 0,
-        "data.max_examples": 192, "train.batch_size": 16, "optimizer.learning_rate": 3e-4,
+        "data.max_examples": 192, "optimizer.learning_rate": 3e-4,
         "checkpoint.every_steps": 0, "checkpoint.export": False,
         "metrics.tensorboard": False})
     sgalm.validate(config)
