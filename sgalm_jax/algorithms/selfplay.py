@@ -33,7 +33,6 @@ import importlib
 import inspect
 import json
 import logging
-import math
 import os
 import time
 import types
@@ -412,10 +411,12 @@ class _Run:
                 seqs.append(np.concatenate([p, resp]))
                 masks.append(np.concatenate([np.zeros(len(p), np.float32),
                                              np.ones(len(resp), np.float32)]))
+        forwards = self.scorer.forwards
         res = self.scorer.score(params, seqs, masks)
         REFERENCE_PASSES[t] = REFERENCE_PASSES.get(t, 0) + 1
         ref_seconds = time.time() - t1
-        self.event("reference", iteration=t, sequences=len(seqs), forwards=self.scorer.forwards)
+        self.event("reference", iteration=t, sequences=len(seqs),
+                   forwards=self.scorer.forwards - forwards)
         lp, nt = res.logprob_sum, res.num_tokens
         data = IterationData(
             iteration=t, num_samples=k, syn=syn, ref_real=lp[:n], real_ntok=nt[:n],

@@ -286,6 +286,14 @@ class DScorer:
         return out
 
 
+def balanced_accuracy(z_real: np.ndarray, z_fake: np.ndarray) -> float:
+    """Mean of D's accuracy on real (z > 0) and on generated (z < 0) samples: 0.5 for a D that
+    calls everything one class, whatever the class sizes."""
+    parts = [float(np.mean(np.asarray(z_real) > 0))] if len(z_real) else []
+    parts += [float(np.mean(np.asarray(z_fake) < 0))] if len(z_fake) else []
+    return float(np.mean(parts)) if parts else float("nan")
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
 
@@ -437,8 +445,8 @@ class SGALM:
 
     def diagnostics(self, d_params: Any, samples: list[Sample], prefix: str = "diag/"
                     ) -> dict[str, float]:
-        """Mean D on held-out / training reals and on the samples, D accuracy on held-out reals
-        vs held-out samples, the fake-score alarm, validity and diversity of the samples."""
+        """Mean D on held-out / training reals and on the samples, D's balanced accuracy on
+        held-out reals vs held-out samples, the fake-score alarm, validity and diversity."""
         data = self.data
         n = len(data.heldout)
         z_held = self.scorer(d_params, data.heldout_d_ids) if n else np.zeros(0)
@@ -446,14 +454,13 @@ class SGALM:
         z_fake = np.asarray([x.z_snapshot for x in samples], np.float64)
         held = [i for i, x in enumerate(samples) if x.heldout] or list(range(len(samples)))
         zf_held = z_fake[held]
-        right = np.concatenate([z_held > 0, zf_held < 0])
         texts = [x.text for x in samples]
         out = {
             "d_heldout_real": float(sigmoid(z_held).mean()) if n else float("nan"),
             "d_train_real": float(sigmoid(z_train).mean()),
             "d_fake": float(sigmoid(z_fake).mean()),
             "d_heldout_fake": float(sigmoid(zf_held).mean()),
-            "d_acc_heldout": float(right.mean()) if right.size else float("nan"),
+            "d_acc_heldout": balanced_accuracy(z_held, zf_held),
             "well_formed": float(np.mean([x.well_formed for x in samples])),
             "stopped": float(np.mean([x.stopped for x in samples])),
             "sample_tokens": float(np.mean([len(x.completion_ids) for x in samples])),
@@ -471,11 +478,10 @@ class SGALM:
         z_fake = self.scorer(d_params, [self.data.d_ids(x.text) for x in held])
         z_real = self.scorer(d_params, self.data.heldout_d_ids) if self.data.heldout else []
         z_real = np.asarray(z_real)
-        right = np.concatenate([z_real > 0, z_fake < 0])
         return {"diag/end_d_heldout_real": float(sigmoid(z_real).mean()) if z_real.size else
                 float("nan"),
                 "diag/end_d_heldout_fake": float(sigmoid(z_fake).mean()),
-                "diag/end_d_acc_heldout": float(right.mean())}
+                "diag/end_d_acc_heldout": balanced_accuracy(z_real, z_fake)}
 
     # ---------------------------------------------------------------- batches
     def d_batch(self, samples: list[Sample], mb: Minibatches, index: int) -> dict[str, Any]:

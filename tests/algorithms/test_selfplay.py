@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import jax
@@ -282,7 +281,7 @@ def test_selfplay_step_decreases_the_loss_and_alpha_does_not_recompile(tiny_mode
         state, shardings = create_train_state(jax.tree.map(jnp.array, params), tx, mesh=mesh)
         step = make_train_step(
             selfplay.make_selfplay_loss(graphdef, make_loss(loss_name, **kw),
-                                        takes_alpha=takes_alpha, chunk_size=16),
+                                        takes_alpha=takes_alpha, chunk_size=0),
             tx, mesh=mesh, state_shardings=shardings, extra_shardings=(sh.replicated(mesh),))
         losses = []
         for a in alphas:

@@ -322,17 +322,17 @@ def test_discriminator_steps_learn_on_heldout_samples(tmp_path):
         "model.init": "", "model.path": str(tmp_path / "pre" / "export"),
         "tokenizer.path": str(tmp_path / "pre" / "export"),
         "sgalm.variant": "d_only", "sgalm.iterations": 1, "sgalm.num_samples": 64,
-        "sgalm.heldout_size": 32, "sgalm.rounds_per_iteration": 12, "sgalm.max_new_tokens": 96,
+        "sgalm.heldout_size": 32, "sgalm.rounds_per_iteration": 20, "sgalm.max_new_tokens": 96,
         "sgalm.sample_batch_size": 32, "sgalm.final_samples": 0,
-        "data.max_examples": 192, "optimizer.learning_rate": 3e-4,
+        "data.max_examples": 192, "optimizer.learning_rate": 3e-4, "optimizer.warmup_steps": 2,
         "checkpoint.every_steps": 0, "checkpoint.export": False,
         "metrics.tensorboard": False})
     sgalm.validate(config)
     out = sgalm.run(config, str(work))
     recs = _records(work)
     start = next(r for r in recs if "diag/d_acc_heldout" in r)
-    assert abs(start["diag/d_acc_heldout"] - 0.5) < 0.15  # the untrained D: about chance
-    assert out["diag/end_d_acc_heldout"] >= 0.7, out
+    assert abs(start["diag/d_acc_heldout"] - 0.5) < 0.1  # the untrained D: chance
+    assert out["diag/end_d_acc_heldout"] >= 0.7, out  # balanced accuracy
     # Held out means held out: none of the 16 held-out samples was in a D batch.
     samples = load_samples(work / "samples" / "iter_000.jsonl")
     assert sum(s.heldout for s in samples) == 16
