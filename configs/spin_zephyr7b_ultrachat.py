@@ -8,13 +8,12 @@ path), 2 epochs per iteration (the paper; the code's launch scripts run 6), prev
 pairs mixed in from iteration 1. One deliberate departure: generation uses the same chat-template
 prompt as training (SPIN generates from a ``### Instruction:`` format; issues #9, #33).
 
-The checkpoint: ``alignment-handbook/zephyr-7b-sft-full`` at revision ``ac6e600e``. Its config says
-``model_type: mistral``, which ``sgalm_jax.models`` does not list; Mistral-7B-v0.1 has Llama's
-tensor layout, and its 4,096-token sliding window never binds at 1,024 tokens, so a copy of the
-directory whose ``config.json`` says ``"model_type": "llama"`` loads (not yet verified here).
+The checkpoint: ``alignment-handbook/zephyr-7b-sft-full`` at revision ``ac6e600e``
+(``model_type: mistral``: Llama's tensors plus a 4,096-token sliding window, both supported by
+``sgalm_jax.models`` and checked against transformers' ``MistralForCausalLM`` in tests).
 
     python -m sgalm_jax.main --config configs/spin_zephyr7b_ultrachat.py \
-        --config.model.path=/models/zephyr-7b-sft-full-llama \
+        --config.model.path=/models/zephyr-7b-sft-full \
         --config.data.data_dir=/data/ultrachat_200k --config.workdir=runs/spin_zephyr7b
 
 Mesh and batch (bf16 compute over fp32 master weights and RMSProp state: ~85 GB of states, so

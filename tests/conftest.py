@@ -37,6 +37,9 @@ FAMILIES = {
         tie_word_embeddings=True, rope_theta=500000.0,
         rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 128})),
+    # Mistral (Zephyr's base): Llama tensors, sliding-window attention (small, so tests reach it).
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(
+        tie_word_embeddings=False, sliding_window=96, head_dim=16)),
     # Llama 3.1 style: untied head, llama3 scaling with factor 8.
     "llama31": ("LlamaConfig", "LlamaForCausalLM", dict(
         tie_word_embeddings=False, rope_theta=500000.0,

@@ -312,3 +312,18 @@ def test_generate_text_chat_and_stop_strings(models):
         assert cut.texts[0] == full[:full.index(full[2:4])]
     assert trim_stop_strings("abc</s>def<|x|>", ["<|x|>", "</s>"]) == "abc"
     assert trim_stop_strings("abc", []) == "abc"
+
+
+def test_greedy_matches_transformers_across_the_sliding_window(models):
+    """Mistral's sliding window (96 tokens in the tiny model) is honoured during decoding too."""
+    ours, hf = models("mistral")
+    rs = np.random.RandomState(7)
+    prompts = [rs.randint(3, 1000, n).tolist() for n in (90, 70)]
+    ids, mask = _left_pad(prompts)
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                          max_new_tokens=40, eos_token_id=None, pad_token_id=0)
+    ref = ref[:, ids.shape[1]:].numpy()
+    gen = generate(ours, prompts, max_new_tokens=40, temperature=0.0, rng=jax.random.key(0),
+                   use_eos=False)
+    np.testing.assert_array_equal(np.asarray(gen.tokens), ref)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from sgalm_jax.errors import ConfigError
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 
@@ -71,6 +71,7 @@ class ModelConfig:
     o_proj_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    sliding_window: int | None = None  # attend to at most this many recent tokens (Mistral)
     rope_theta: float = 10000.0
     rope_type: str = "default"
     rope_factor: float = 1.0
@@ -166,7 +167,8 @@ class ModelConfig:
 
     def to_hf(self) -> dict[str, Any]:
         """An HF ``config.json`` dict (v4 layout, which transformers v4 and v5 both read)."""
-        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+        arch = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
+                "mistral": "MistralForCausalLM"}
         out: dict[str, Any] = {
             "architectures": [arch[self.model_type]],
             "model_type": self.model_type,
@@ -200,6 +202,8 @@ class ModelConfig:
             out["attention_bias"] = self.attention_bias
         if self.model_type == "llama":
             out["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            out["sliding_window"] = self.sliding_window
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, key)
             if value is not None:
@@ -248,6 +252,8 @@ def _parse_hf(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
 
     if model_type == "qwen2":
         qkv_bias, o_bias, qk_norm = True, False, False
+    elif model_type == "mistral":
+        qkv_bias, o_bias, qk_norm = False, False, False
     else:
         qkv_bias = o_bias = bool(hf.get("attention_bias", False))
         qk_norm = model_type == "qwen3"
@@ -271,6 +277,8 @@ def _parse_hf(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
         o_proj_bias=o_bias,
         mlp_bias=bool(hf.get("mlp_bias", False)),
         qk_norm=qk_norm,
+        sliding_window=(int(hf["sliding_window"]) if model_type == "mistral"
+                        and hf.get("sliding_window") else None),
         rope_theta=float(theta),
         rope_type=rope_type,
         rope_factor=float(rope.get("factor", 1.0)),

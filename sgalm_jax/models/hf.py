@@ -97,6 +97,8 @@ FAMILY_TABLES: dict[str, tuple[Rule, ...]] = {
     "qwen3": _decoder_rules(qkv_bias=_attention_bias, o_bias=_o_bias, mlp_bias=None, qk_norm=True),
     "llama": _decoder_rules(qkv_bias=_attention_bias, o_bias=_o_bias, mlp_bias=_mlp_bias,
                             qk_norm=False),
+    # Mistral: Llama's tensors, no biases (its difference, the sliding window, has no weights).
+    "mistral": _decoder_rules(qkv_bias=None, o_bias=None, mlp_bias=None, qk_norm=False),
 }
 
 

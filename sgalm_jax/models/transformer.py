@@ -249,6 +249,8 @@ class DecoderModel(nnx.Module):
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
             q_slot, k_slot = cache.index + jnp.arange(t), jnp.arange(cache.length)
         causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+        if self.config.sliding_window:  # slot distance equals token distance within a row
+            causal = causal & (q_slot[:, None] - k_slot[None, :] < self.config.sliding_window)
         mask = causal[None, :, :] & key_valid[:, None, :]  # [B, T, S]
         if cache is None:  # packed rows: a token attends only within its own example
             mask = mask & (segments[:, :, None] == segments[:, None, :])

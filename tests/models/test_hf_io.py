@@ -32,7 +32,7 @@ def _hf_logits(model, ids=IDS):
         return model(torch.tensor(ids)).logits.float().numpy()
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama31"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama31", "mistral"])
 def test_export_loads_in_transformers_with_same_logits(family, hf_model_dir, tmp_path):
     ours = load_pretrained(hf_model_dir(family))
     save_pretrained(ours, tmp_path / "export")
