@@ -32,6 +32,7 @@ BUILTIN: dict[str, str] = {
     "demo": "sgalm_jax.algorithms.demo",
     "sft": "sgalm_jax.algorithms.sft",
     "sgalm": "sgalm_jax.algorithms.sgalm",
+    "data_engine": "sgalm_jax.algorithms.data_engine",
     "selfplay": "sgalm_jax.algorithms.selfplay",
     "gad": "sgalm_jax.algorithms.gad",
     "eval": "sgalm_jax.algorithms.eval",

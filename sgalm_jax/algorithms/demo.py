@@ -64,7 +64,7 @@ def demo_config() -> ml_collections.ConfigDict:
     config.sgalm.iterations = 3
     config.sgalm.num_samples = 96
     config.sgalm.heldout_size = 32
-    config.sgalm.rounds_per_iteration = 8
+    config.sgalm.rounds_per_iteration = 10
     config.sgalm.max_new_tokens = 0  # the 99th percentile of real sample lengths + 16
     config.sgalm.temperature = 1.0
     config.sgalm.sample_batch_size = 48
@@ -72,7 +72,8 @@ def demo_config() -> ml_collections.ConfigDict:
     config.sgalm.final_samples = 0  # phase 5 evaluates every model the same way
     config.sgalm.length_bucket = 64
     config.optimizer.name = "rmsprop"
-    config.optimizer.learning_rate = 2e-4
+    config.optimizer.learning_rate = 1e-4
+    config.optimizer.warmup_steps = 10  # torch RMSProp's first steps are ~10x lr without it
     config.optimizer.max_grad_norm = 1.0
     config.train.batch_size = 16
     config.train.num_steps = 200  # phase 2 (pre-training) steps

@@ -281,7 +281,7 @@ class DScorer:
             idx = order[start:start + self.batch_size]
             batch = pad_rows([rows[i] for i in idx], bucket=self.bucket, pad_id=self.pad_id,
                              num_rows=self.batch_size)
-            z = self._fn(params, sh.global_batch_from_local(batch, self.mesh))
+            z = self._fn(params, to_global(batch, self.mesh))
             out[idx] = np.asarray(jax.device_get(z))[:len(idx)]
         return out
 
@@ -292,6 +292,16 @@ def balanced_accuracy(z_real: np.ndarray, z_fake: np.ndarray) -> float:
     parts = [float(np.mean(np.asarray(z_real) > 0))] if len(z_real) else []
     parts += [float(np.mean(np.asarray(z_fake) < 0))] if len(z_fake) else []
     return float(np.mean(parts)) if parts else float("nan")
+
+
+def to_global(batch: dict[str, np.ndarray], mesh: Any) -> Any:
+    """Global arrays from a batch every host built whole: each host contributes its own
+    contiguous block of rows (``global_batch_from_local``'s contract)."""
+    n = jax.process_count()
+    if n > 1:
+        p = jax.process_index()
+        batch = {k: v[p * (len(v) // n):(p + 1) * (len(v) // n)] for k, v in batch.items()}
+    return sh.global_batch_from_local(batch, mesh)
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
@@ -588,13 +598,13 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 rnd, within = divmod(i, per_round)
                 if within < algo.steps_d:
                     batch = algo.d_batch(train, mb, rnd * algo.steps_d + within)
-                    new_d, m = algo.d_step(roles.d, sh.global_batch_from_local(batch, algo.mesh))
+                    new_d, m = algo.d_step(roles.d, to_global(batch, algo.mesh))
                     roles = Roles(roles.g if roles.two else new_d, new_d, roles.two)
                     m = _d_metrics(jax.device_get(m))
                 else:
                     batch = algo.g_batch(train, mb, rnd * algo.steps_g + within - algo.steps_d)
                     extra = (roles.d.params,) if algo.gen_opts.reward_source == "separate" else ()
-                    new_g, m = algo.g_step(roles.g, sh.global_batch_from_local(batch, algo.mesh),
+                    new_g, m = algo.g_step(roles.g, to_global(batch, algo.mesh),
                                            *extra)
                     roles = Roles(new_g, roles.d if roles.two else new_g, roles.two)
                     m = _g_metrics(jax.device_get(m))

@@ -316,19 +316,11 @@ def sgalm_discriminator_prompt(
 def real_fake_token_ids(tokenizer: Any, templates: SGALMTemplates | None = None, *, leading_space: bool = True) -> tuple[int, int]:
     """Token ids of the Real and Fake answer words (``" Real"``/``" Fake"`` with ``leading_space``).
 
-    If a word is not a single token, its first token is used (and a warning logged); the two
-    first tokens must differ.
+    A thin wrapper of :func:`sgalm_jax.losses.resolve_label_token_ids` (the one implementation):
+    a multi-token word uses its first token (logged), and the two first tokens must differ.
     """
+    from sgalm_jax.losses.sgalm import resolve_label_token_ids
+
     t = templates or SGALMTemplates()
-    ids = []
-    for word in (t.real_word, t.fake_word):
-        text = (" " if leading_space else "") + word
-        toks = tokenizer.encode(text, add_special_tokens=False)
-        if len(toks) == 0:
-            raise ConfigError(f"answer word {text!r} encodes to no tokens")
-        if len(toks) > 1:
-            log.warning("answer word %r is %d tokens; using its first token %d", text, len(toks), toks[0])
-        ids.append(int(toks[0]))
-    if ids[0] == ids[1]:
-        raise ConfigError(f"Real/Fake words share their first token {ids[0]}; choose other words")
-    return ids[0], ids[1]
+    ids = resolve_label_token_ids(tokenizer, t.real_word, t.fake_word, leading_space=leading_space)
+    return ids.real_id, ids.fake_id
