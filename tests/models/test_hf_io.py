@@ -161,8 +161,8 @@ def test_shape_mismatch_is_named(hf_model_dir, tmp_path):
 def test_unsupported_architecture_and_rope(hf_model_dir, tmp_path):
     path = _copy(hf_model_dir("qwen2"), tmp_path / "arch")
     cfg = json.load(open(path / "config.json"))
-    json.dump({**cfg, "model_type": "mistral"}, open(path / "config.json", "w"))
-    with pytest.raises(ConfigError, match="model_type 'mistral' is not supported"):
+    json.dump({**cfg, "model_type": "gemma2"}, open(path / "config.json", "w"))
+    with pytest.raises(ConfigError, match="model_type 'gemma2' is not supported"):
         load_pretrained(path)
     yarn = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
     json.dump({**cfg, "rope_parameters": yarn}, open(path / "config.json", "w"))
