@@ -52,9 +52,9 @@ from sgalm_jax.algorithms.selfplay_data import (
     load_prompt_set,
     synthetic_rows,
 )
-from sgalm_jax.config import validate_for_devices
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
+from sgalm_jax.training.run_setup import setup_run
 from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
@@ -255,23 +255,12 @@ class _Run:
 
     def __init__(self, config: Any, workdir: str):
         from sgalm_jax.sampling import Sampler
-        from sgalm_jax.training.model_setup import model_config
-        from sgalm_jax.training.tokenizer import BUILTIN_TINY, eos_token_id, load_tokenizer, pad_token_id
 
         self.config, self.workdir = config, workdir
         sp = config.selfplay
-        mesh_shape = validate_for_devices(config, jax.device_count(), jax.process_count())
-        self.mesh = sh.make_mesh(mesh_shape)
-        log.info("mesh %s over %d devices (%s)", mesh_shape, jax.device_count(),
-                 jax.devices()[0].device_kind)
-        self.is_main = jax.process_index() == 0
-        tok_src = config.tokenizer.path or config.model.path
-        cache = (os.path.join(workdir, "tokenizer")
-                 if tok_src == BUILTIN_TINY and self.is_main else None)
-        self.tokenizer = load_tokenizer(tok_src, cache_dir=cache)
-        self.mcfg = model_config(config.model)
-        self.eos = eos_token_id(self.tokenizer, self.mcfg.eos_token_ids)
-        self.pad = pad_token_id(self.tokenizer, self.eos)
+        setup = setup_run(config, workdir)
+        self.mesh, self.is_main, self.tokenizer = setup.mesh, setup.is_main, setup.tokenizer
+        self.mcfg, self.eos, self.pad = setup.model_config, setup.eos_id, setup.pad_id
         self.data: PromptSet = load_prompt_set(config, self.tokenizer, eos_id=self.eos,
                                                vocab_size=self.mcfg.vocab_size)
         self.fingerprint = self.data.fingerprint()

@@ -48,20 +48,17 @@ from sgalm_jax.training import (
 )
 from sgalm_jax.training.batching import BatchSource, TokenizedExample, truncate
 from sgalm_jax.training.model_setup import build_model, model_config
-from sgalm_jax.training.tokenizer import BUILTIN_TINY, eos_token_id, load_tokenizer, pad_token_id
+from sgalm_jax.training.run_setup import setup_run, tokenizer_source
+from sgalm_jax.training.tokenizer import BUILTIN_TINY
 
 log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ validation
-def _tokenizer_source(config: Any) -> str:
-    return config.tokenizer.path or config.model.path
-
-
 def validate(config: Any) -> None:
     """SFT-specific checks (model, tokenizer, data, devices); ConfigError naming the key."""
     model_config(config.model)  # model.path / model.init exist and parse
-    tok = _tokenizer_source(config)
+    tok = tokenizer_source(config)
     if not tok:
         raise ConfigError("tokenizer.path: no tokenizer; set tokenizer.path (a directory, or "
                           f"{BUILTIN_TINY!r} for tiny random models)")
@@ -180,16 +177,8 @@ def make_sft_loss(graphdef: Any, normalize: str = "token", logits_chunk_size: in
 # ------------------------------------------------------------------------------------ run
 def run(config: Any, workdir: str) -> dict[str, Any]:
     """Train; returns the last logged metrics (and ``preempted`` / ``export`` entries)."""
-    mesh_shape = validate_for_devices(config, jax.device_count(), jax.process_count())
-    mesh = sh.make_mesh(mesh_shape)
-    log.info("mesh %s over %d devices (%s)", mesh_shape, jax.device_count(),
-             jax.devices()[0].device_kind)
-    # The builtin tiny tokenizer is built deterministically; process 0 keeps a copy in the workdir.
-    cache = (os.path.join(workdir, "tokenizer")
-             if config.tokenizer.path == BUILTIN_TINY and jax.process_index() == 0 else None)
-    tokenizer = load_tokenizer(_tokenizer_source(config), cache_dir=cache)
-    mcfg = model_config(config.model)
-    eos = eos_token_id(tokenizer, mcfg.eos_token_ids)
+    setup = setup_run(config, workdir)
+    mesh, tokenizer, mcfg, eos = setup.mesh, setup.tokenizer, setup.model_config, setup.eos_id
     examples = encode(load_records(config), tokenizer, config.data, eos_id=eos,
                       vocab_size=mcfg.vocab_size)
     log.info("%d training examples; mean length %.1f tokens", len(examples),
@@ -197,7 +186,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     source = BatchSource(examples, batch_size=config.train.batch_size,
                          max_length=config.data.max_length, seed=config.seed,
                          shuffle=config.data.shuffle, packing=config.data.packing,
-                         min_bucket=config.data.min_bucket, pad_id=pad_token_id(tokenizer, eos))
+                         min_bucket=config.data.min_bucket, pad_id=setup.pad_id)
 
     num_steps = config.train.num_steps
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),

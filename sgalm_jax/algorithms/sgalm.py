@@ -82,7 +82,8 @@ from sgalm_jax.training import (
     trainable_mask,
 )
 from sgalm_jax.training.model_setup import build_model, model_config
-from sgalm_jax.training.tokenizer import BUILTIN_TINY, eos_token_id, load_tokenizer, pad_token_id
+from sgalm_jax.training.run_setup import setup_run, tokenizer_source
+from sgalm_jax.training.tokenizer import BUILTIN_TINY
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +93,6 @@ REWARD_PARAMS = ("current", "snapshot")
 
 
 # ------------------------------------------------------------------------------------ validation
-def tokenizer_source(config: Any) -> str:
-    return config.tokenizer.path or config.model.path
-
-
 def validate(config: Any) -> None:
     """SGALM-specific checks before anything is compiled; ConfigError naming the key."""
     from sgalm_jax.data import list_tasks
@@ -327,15 +324,9 @@ class SGALM:
     def __init__(self, config: Any, workdir: str):
         self.config, self.workdir = config, workdir
         s = config.sgalm
-        mesh_shape = validate_for_devices(config, jax.device_count(), jax.process_count())
-        self.mesh = sh.make_mesh(mesh_shape)
-        tok_path = tokenizer_source(config)
-        cache = (os.path.join(workdir, "tokenizer")
-                 if tok_path == BUILTIN_TINY and jax.process_index() == 0 else None)
-        self.tokenizer = load_tokenizer(tok_path, cache_dir=cache)
-        self.mcfg = model_config(config.model)
-        self.eos = eos_token_id(self.tokenizer, self.mcfg.eos_token_ids)
-        self.pad = pad_token_id(self.tokenizer, self.eos)
+        setup = setup_run(config, workdir)
+        self.mesh, self.tokenizer = setup.mesh, setup.tokenizer
+        self.mcfg, self.eos, self.pad = setup.model_config, setup.eos_id, setup.pad_id
         self.data = SGALMData(config, self.tokenizer, eos_id=self.eos)
         top = max(max(r) for r in self.data.real_d_ids)
         if top >= self.mcfg.vocab_size:

@@ -220,7 +220,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
         array = np.ascontiguousarray(array.astype(want.dtype))
         if shardings is not None:
             sharding = shardings[our_path].get_value()
-            value = jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+            value = jax.make_array_from_callback(array.shape, sharding, lambda idx, a=array: a[idx])
         else:
             value = jnp.asarray(array)
         loaded[our_path] = var.replace(value)
