@@ -359,6 +359,24 @@ def _build(schema: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return out
 
 
+def load_config_file(name: str, relative_to: str) -> ml_collections.ConfigDict:
+    """``get_config()`` of another config file, e.g. a variant that builds on its base experiment.
+
+    ``name`` is resolved next to ``relative_to`` (pass ``__file__``)::
+
+        config = load_config_file("qwen3b_gsm8k.py", __file__)
+    """
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(relative_to)), name)
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} not found")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
 def base_config() -> ml_collections.ConfigDict:
     """A fresh ConfigDict with every key at its default."""
     return _build(_SCHEMA)
