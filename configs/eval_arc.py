@@ -12,22 +12,14 @@ Offline data: ``--config.eval.data_dir=../shared/data``.
 Mesh: the batch is sharded over every device; 3B in bf16 fits one 80 GB GPU or a TPU chip.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.config import load_config_file
 
 
 def get_config():
-    config = base_config()
-    config.algorithm = "eval"
-    config.model.path = ""
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = "bfloat16"
+    config = load_config_file("eval_gsm8k.py", __file__)
     config.eval.tasks = "arc"
-    config.eval.split = "test"
     config.eval.arc_mode = "loglik"
     config.eval.k_shot = 0
     config.eval.max_new_tokens = 8  # generation mode only
     config.eval.batch_size = 32  # (context, choice) requests per forward in loglik mode
-    config.mesh.data = 1
-    config.mesh.fsdp = -1
-    config.mesh.tensor = 1
     return config

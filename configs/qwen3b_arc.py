@@ -15,42 +15,22 @@ after 64 held out, N = 1,055 generated per iteration of which 991 train D, ceil(
 rounds of 1 D step (64 real + 64 generated) and 1 G step: 32 updates per iteration, 128 in all.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.config import load_config_file
 
 
 def get_config():
-    config = base_config()
-    config.algorithm = "sgalm"
-    config.model.path = ""  # required: Qwen2.5-3B-Instruct in HF format
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = "float32"
-    config.model.remat = "full"
+    config = load_config_file("qwen3b_gsm8k.py", __file__)
     config.data.task = "arc_challenge"
-    config.data.split = "train"
-    config.data.max_length = 768
-
+    config.data.max_length = 768  # ARC samples are ~100 tokens
     s = config.sgalm
-    s.variant = "full"
-    s.sample_format = "full"
-    s.iterations = 4
-    s.num_samples = 0
-    s.num_shots = 4
-    s.heldout_size = 64
     s.max_new_tokens = 256
     s.sample_batch_size = 128
     s.score_batch_size = 128
     s.length_bucket = 128
     s.final_samples = 256
-
-    config.optimizer.name = "rmsprop"
-    config.optimizer.learning_rate = 1e-6
-    config.optimizer.schedule = "linear"
     config.optimizer.warmup_steps = 13  # 10% of the 128 updates
-    config.optimizer.max_grad_norm = 1.0
     config.train.batch_size = 128
     config.train.log_every = 1
-    config.mesh.fsdp = -1
     config.checkpoint.every_steps = 50
-    config.checkpoint.export_dtype = "bfloat16"
     config.eval.tasks = "arc"
     return config

@@ -16,42 +16,20 @@ N = 342 generated per iteration, 310 train D: ceil(310 / 16) = 20 rounds x 2 upd
 per iteration, 160 in all.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.config import load_config_file
 
 
 def get_config():
-    config = base_config()
-    config.algorithm = "sgalm"
-    config.model.path = ""  # required: Qwen2.5-3B-Instruct in HF format
-    config.model.dtype = "bfloat16"
-    config.model.param_dtype = "float32"
-    config.model.remat = "full"
+    config = load_config_file("qwen3b_gsm8k.py", __file__)
     config.data.task = "mbpp"
-    config.data.split = "train"
     config.data.max_length = 2048
-
     s = config.sgalm
-    s.variant = "full"
-    s.sample_format = "full"
-    s.iterations = 4
-    s.num_samples = 0
-    s.num_shots = 4
     s.heldout_size = 32
-    s.max_new_tokens = 512
-    s.sample_batch_size = 64
     s.score_batch_size = 32
-    s.length_bucket = 256
     s.final_samples = 256
-
-    config.optimizer.name = "rmsprop"
-    config.optimizer.learning_rate = 1e-6
-    config.optimizer.schedule = "linear"
     config.optimizer.warmup_steps = 16  # 10%
-    config.optimizer.max_grad_norm = 1.0
     config.train.batch_size = 32
     config.train.log_every = 1
-    config.mesh.fsdp = -1
     config.checkpoint.every_steps = 40
-    config.checkpoint.export_dtype = "bfloat16"
     config.eval.tasks = "mbpp"
     return config
