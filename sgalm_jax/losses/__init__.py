@@ -40,7 +40,6 @@ from sgalm_jax.losses.common import (
 )
 from sgalm_jax.losses.sft import sft_loss, sft_loss_from_logprobs
 from sgalm_jax.losses.sgalm import (
-    LabelTokenIds,
     balanced_gradient_sum,
     discriminator_loss,
     discriminator_prob,
@@ -48,7 +47,6 @@ from sgalm_jax.losses.sgalm import (
     gather_answer_logits,
     generator_loss,
     generator_reward,
-    resolve_label_token_ids,
 )
 from sgalm_jax.losses.preference import bradley_terry_loss, dpo_loss, last_token_scores
 from sgalm_jax.losses.selfplay import (
@@ -79,9 +77,8 @@ __all__ = [
     # sft
     "sft_loss", "sft_loss_from_logprobs",
     # sgalm
-    "LabelTokenIds", "balanced_gradient_sum", "discriminator_loss", "discriminator_prob",
+    "balanced_gradient_sum", "discriminator_loss", "discriminator_prob",
     "discriminator_score_logits", "gather_answer_logits", "generator_loss", "generator_reward",
-    "resolve_label_token_ids",
     # preference
     "bradley_terry_loss", "dpo_loss", "last_token_scores",
     # selfplay
