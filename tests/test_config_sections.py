@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import ml_collections
 import pytest
 
 from sgalm_jax import config as cfg
@@ -36,9 +37,10 @@ def test_a_registered_section_gets_defaults_descriptions_and_checks(toy_section)
     with pytest.raises(ConfigError, match=r"^toy_algo.rouns: unknown config key; did you mean "
                                           r"'toy_algo.rounds'"):
         cfg.check_key("toy_algo.rouns")
-    c.toy_algo.rounds = "three"
+    d = c.to_dict()
+    d["toy_algo"]["rounds"] = "three"
     with pytest.raises(ConfigError, match="^toy_algo.rounds: expected int"):
-        cfg.validate_config(c)
+        cfg.validate_config(ml_collections.ConfigDict(d))
     with pytest.raises(ValueError, match="already defined"):
         cfg.register_section("toy_algo", {"x": (1, "x")}, owner="someone.else")
     with pytest.raises(ValueError, match="already defined by the base schema"):

@@ -35,6 +35,7 @@ from sgalm_jax.losses.common import (
     sequence_logprobs,
     sequence_logprobs_from_hidden,
     shift_targets,
+    token_logprobs_and_entropy_from_hidden,
     standardize,
     token_logprobs,
 )
@@ -73,7 +74,7 @@ __all__ = [
     # common
     "SequenceLogprobs", "causal_lm_logprobs", "effective_sample_size", "masked_mean", "masked_std",
     "masked_sum", "sequence_logprobs", "sequence_logprobs_from_hidden", "shift_targets", "standardize",
-    "token_logprobs",
+    "token_logprobs", "token_logprobs_and_entropy_from_hidden",
     # sft
     "sft_loss", "sft_loss_from_logprobs",
     # sgalm

@@ -104,6 +104,7 @@ class Role:
     seed: int = 0
     saved: bool = True
     init: Callable[[], Any] | None = None
+    rebuild: Callable[[], Any] | None = None
     source: "Role | None" = None
     state: TrainState | None = None
     shardings: Any = None
@@ -216,11 +217,13 @@ class Role:
         else:
             self.frozen_params = entry["params"]
 
-    def initialize(self) -> None:
-        """First params from ``init`` (placed in this role's shardings)."""
-        if self.init is None:
+    def initialize(self, resuming: bool = False) -> None:
+        """First params from ``init`` (or, for an unsaved role of a resumed run, ``rebuild``),
+        placed in this role's shardings."""
+        fn = self.rebuild if resuming and self.rebuild is not None else self.init
+        if fn is None:
             raise CheckpointError(f"role {self.name!r}: no init function and nothing to restore")
-        params = self.init()
+        params = fn()
         if self.is_learner:
             state, shardings = create_train_state(params, self.optimizer, seed=self.seed,
                                                   mesh=self.mesh,
@@ -266,28 +269,29 @@ class Roles:
             schedule=schedule, seed=int(seed), init=init if init is not None else (lambda: params)))
 
     def frozen(self, name: str, graphdef: Any, params: Any, *, saved: bool = True,
-               init: Callable[[], Any] | None = None, params_shardings: Any = None) -> Role:
+               init: Callable[[], Any] | None = None, rebuild: Callable[[], Any] | None = None,
+               params_shardings: Any = None) -> Role:
         """Declare a frozen model (no optimizer state, no steps). ``saved=False``: not stored in
-        checkpoints; ``init`` rebuilds it on resume."""
+        checkpoints; a resumed run calls ``rebuild`` (default ``init``) for it."""
         return self._add(Role(
             name=name, kind=FROZEN, graphdef=graphdef, mesh=self.mesh,
             abstract_params=_abstract(params),
             params_shardings=self._shardings(params, params_shardings), saved=bool(saved),
-            init=init if init is not None else (lambda: params)))
+            init=init if init is not None else (lambda: params), rebuild=rebuild))
 
     def snapshot(self, name: str, of: str, *, saved: bool = True,
-                 init: Callable[[], Any] | None = None) -> Role:
-        """Declare a frozen copy of role ``of``'s params as they are when this role is built
-        (fresh start) or restored: e.g. a KL reference that is the stage's start model. Without
-        ``saved``, ``init`` must rebuild it on resume (the source has moved on by then)."""
+                 rebuild: Callable[[], Any] | None = None) -> Role:
+        """Declare a frozen copy of role ``of``'s params as they are when the roles are built
+        (declare it after ``of``): e.g. a KL reference that is the stage's start model. A saved
+        snapshot is restored with the other roles; an unsaved one (``saved=False``) needs
+        ``rebuild`` to make it again on resume, since ``of`` has moved on by then (e.g. reload
+        the start checkpoint)."""
         src = self[of]
-        if not saved and init is None:
-            raise ValueError(f"role {name!r}: an unsaved snapshot needs an init to rebuild it")
-        role = self.frozen(name, src.graphdef, src.abstract_params, saved=saved,
-                           params_shardings=src.params_shardings)
-        role.init = init if init is not None else (
-            lambda: copy_params(self[of].params, src.params_shardings))
-        return role
+        if not saved and rebuild is None:
+            raise ValueError(f"role {name!r}: an unsaved snapshot needs rebuild= for resuming")
+        return self.frozen(name, src.graphdef, src.abstract_params, saved=saved,
+                           params_shardings=src.params_shardings, rebuild=rebuild,
+                           init=lambda: copy_params(self[of].params, src.params_shardings))
 
     def view(self, name: str, of: str) -> Role:
         """Declare ``name`` as a read-only view of role ``of``'s current params (no copy; never
@@ -360,7 +364,7 @@ class Roles:
             if role.saved:
                 role.install_restored(restored[role.name])
             else:
-                role.initialize()
+                role.initialize(resuming=True)
         log.info("restored roles %s from %s at step %d", [r.name for r in saved], ckpt.directory,
                  step)
         return meta

@@ -52,7 +52,7 @@ def _declare(mesh, host_params, *, saved_reference=True):
                   init=lambda: jax.tree.map(jnp.asarray, params))
     roles.learner("discriminator", d_graph, d_params, optax.sgd(1e-2), seed=1)
     roles.snapshot("reference", of="student", saved=saved_reference,
-                   init=None if saved_reference else (lambda: jax.tree.map(jnp.asarray, params)))
+                   rebuild=None if saved_reference else (lambda: jax.tree.map(jnp.asarray, params)))
     roles.view("policy_now", of="student")
     roles.alias("generator", "student")
     return roles
