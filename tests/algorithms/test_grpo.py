@@ -241,3 +241,42 @@ def test_cli_run_killed_mid_way_resumes_bit_identically(tmp_path):
     b = load_file(str(broken / "export" / "model.safetensors"))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+# ------------------------------------------------------------------------------ rows and log-probs
+def test_rows_align_the_samplers_logprobs_with_the_recomputed_ones():
+    """build_rows puts completion token k's sampler log-prob where the loss's shifted targets
+    score it: at temperature 1 the sampler's log-probs equal the no-grad recompute pass (so
+    grpo.old_logprobs = sampler is a drop-in); mask_truncated drops unfinished rows' tokens."""
+    from sgalm_jax import sharding as sh
+    from sgalm_jax.algorithms.grpo_data import PromptPool, Rollout, build_rows
+    from sgalm_jax.config import MODEL_PRESETS
+    from sgalm_jax.models import ModelConfig
+    from sgalm_jax.sampling import Sampler
+    from sgalm_jax.training import split_model
+    from sgalm_jax.training.model_setup import init_model
+
+    mesh = sh.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2])
+    mcfg = ModelConfig.from_hf(MODEL_PRESETS["tiny-qwen2"])
+    graphdef, params = split_model(init_model(mcfg, mesh=mesh, seed=0))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, 512, n).astype(np.int32) for n in (5, 9)]
+    gen = Sampler(graphdef, mcfg, mesh=mesh, pad_token_id=0).generate(
+        params, prompts, max_new_tokens=8, num_samples=2, stop_token_ids=(7,),
+        rng=jax.random.key(1))
+    pool = PromptPool(["a", "b"], prompts, [None, None], None)
+    rollout = Rollout(prompt_index=np.repeat([0, 1], 2),
+                      completion_ids=[r[:n] for r, n in zip(gen.tokens, gen.lengths)],
+                      finished=np.asarray([True, False, True, False]),
+                      sampler_logprobs=[r[:n] for r, n in zip(gen.logprobs, gen.lengths)],
+                      advantages=np.asarray([1.0, -1.0, 0.5, np.nan]))
+    rows = build_rows(pool, rollout, pad_id=0, min_bucket=16, max_length=64)
+    np.testing.assert_array_equal(rows["advantages"], [1.0, -1.0, 0.5, 0.0])
+    opts = grpo.GRPOOptions(temperature=1.0, chunk_size=8)
+    recomputed = grpo.LogprobPass(graphdef, opts, mesh, rows_per_call=4)(params, rows)
+    np.testing.assert_allclose(rows["sampler_logprobs"], recomputed, atol=2e-5)
+    assert (rows["loss_mask"].sum(1) == gen.lengths).all()
+    masked = build_rows(pool, rollout, pad_id=0, min_bucket=16, max_length=64,
+                        mask_truncated=True)
+    assert (masked["loss_mask"][[1, 3]] == 0).all() and (masked["loss_mask"][[0, 2]].sum(1)
+                                                        == gen.lengths[[0, 2]]).all()
