@@ -96,6 +96,19 @@ class Checkpointer:
                 f"({type(e).__name__}: {e})") from e
         return restored.state, dict(restored.meta or {})
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of checkpoint ``step`` (default: latest) without reading its arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no complete checkpoint to read")
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(f"{self.directory}/{step}: cannot read the checkpoint's "
+                                  f"metadata ({type(e).__name__}: {e})") from e
+        return dict(restored.meta or {})
+
     def wait(self) -> None:
         """Block until every started save is complete on disk."""
         self.manager.wait_until_finished()

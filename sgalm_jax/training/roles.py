@@ -32,8 +32,8 @@ Checkpoint layout: ``{role name: TrainState.to_dict()}`` for learners and ``{rol
 Typical use (what ``sgalm_jax.algorithms.grpo`` does)::
 
     roles = Roles(mesh)
-    roles.learner("policy", graphdef, abstract, tx, schedule=lr, seed=seed, init=load_start_model)
-    roles.frozen("reference", graphdef, abstract, init=load_start_model, saved=False)
+    roles.learner("policy", graphdef, params, tx, schedule=lr, seed=seed)
+    roles.snapshot("reference", of="policy", saved=False, rebuild=load_start_params)
     meta = roles.build(ckpt, ckpt.latest_step())          # init, or restore every role
     roles["policy"].add_step("grpo", loss_fn, grad_accum_steps=2, extra_shardings=...)
     metrics = roles["policy"].step("grpo", batch)          # updates the policy's state in place
@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -337,36 +337,42 @@ class Roles:
         """``{name: {"kind": ..., "step": ...}}`` of the saved roles (stored in ``meta``)."""
         return {r.name: {"kind": r.kind, "step": r.step_count} for r in self.saved_roles()}
 
-    def build(self, ckpt: Checkpointer | None = None, step: int | None = None) -> dict[str, Any]:
+    def build(self, ckpt: Checkpointer | None = None, step: int | None = None, *,
+              only: Sequence[str] | None = None) -> dict[str, Any]:
         """Initialise every role (``step`` None), or restore every saved role from checkpoint
         ``step`` of ``ckpt`` and rebuild the unsaved frozen ones. Returns the checkpoint's
-        metadata (``{}`` on a fresh start). Roles are built in declaration order."""
+        metadata (``{}`` on a fresh start). Roles are built in declaration order.
+
+        ``only``: start a new stage from another run's checkpoint (e.g. GAD's adversarial stage
+        from its warmup): restore exactly these roles, which must be the ones that checkpoint
+        holds, and initialise the others (``init``, e.g. a snapshot of a restored role).
+        """
         if step is None:
             for role in self._roles.values():
                 if role.kind != VIEW:
                     role.initialize()
             return {}
-        saved = self.saved_roles()
-        target = {r.name: r.restore_target() for r in saved}
+        restore = self.saved_roles() if only is None else [self[n] for n in only]
+        names = sorted(r.name for r in restore)
+        stored = ckpt.read_meta(step).get("roles")
+        if stored is not None and sorted(stored) != names:
+            raise CheckpointError(
+                f"{ckpt.directory}/{step}: the checkpoint holds roles {sorted(stored)}, this run "
+                f"restores {names} (a different algorithm, variant or stage wrote it; use a new "
+                "workdir)")
+        target = {r.name: r.restore_target() for r in restore}
         try:
             restored, meta = ckpt.restore(target, step)
         except CheckpointError as e:
-            raise CheckpointError(f"{e}; this run's roles: {sorted(target)}") from e
-        stored = meta.get("roles")
-        if stored is not None and sorted(stored) != sorted(target):
-            raise CheckpointError(
-                f"{ckpt.directory}/{step}: the checkpoint holds roles {sorted(stored)}, this run "
-                f"has {sorted(target)} (a different algorithm or variant wrote it; use a new "
-                "workdir)")
+            raise CheckpointError(f"{e}; roles restored: {names}") from e
         for role in self._roles.values():
             if role.kind == VIEW:
                 continue
-            if role.saved:
+            if role.name in restored:
                 role.install_restored(restored[role.name])
-            else:
-                role.initialize(resuming=True)
-        log.info("restored roles %s from %s at step %d", [r.name for r in saved], ckpt.directory,
-                 step)
+            else:  # unsaved (rebuilt on resume), or not part of the stage we start from
+                role.initialize(resuming=only is None)
+        log.info("restored roles %s from %s at step %d", sorted(target), ckpt.directory, step)
         return meta
 
     def checkpoint_state(self) -> dict[str, Any]:

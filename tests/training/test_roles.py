@@ -3,6 +3,8 @@ aliases; one checkpoint holds every role and a resumed run continues bit-identic
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -140,3 +142,30 @@ def test_unsaved_frozen_role_is_rebuilt_and_other_roles_are_an_error(tmp_path, h
         roles.learner("student", graphdef, params, optax.adamw(1e-3))
     with pytest.raises(KeyError, match="no role 'critic'"):
         roles["critic"]
+
+
+def test_a_new_stage_starts_from_another_stages_checkpoint(tmp_path, host_params):
+    """GAD's adversarial stage: the student and discriminator come from the warmup's checkpoint
+    (``only=``), the KL reference is a fresh snapshot of the restored student."""
+    mesh = sh.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2])
+    graphdef, params = host_params
+    d_graph, d_params = split_model(ScalarHead(nnx.Rngs(1)))
+    warm = Roles(mesh)
+    warm.learner("student", graphdef, params, optax.adamw(1e-3))
+    warm.learner("discriminator", d_graph, d_params, optax.adamw(1e-3))
+    warm.build()
+    shifted = jax.tree.map(lambda x: x + 1.0, warm["student"].params)
+    warm["student"].set_state(dataclasses.replace(warm["student"].state, params=shifted))
+    with Checkpointer(str(tmp_path / "warmup"), async_save=False) as ck:
+        warm.save(ck, 800)
+        ck.wait()
+        gad = Roles(mesh)
+        gad.learner("student", graphdef, params, optax.adamw(1e-6))
+        gad.learner("discriminator", d_graph, d_params, optax.adamw(1e-6))
+        gad.snapshot("reference", of="student")
+        with pytest.raises(CheckpointError, match="holds roles"):
+            gad.build(ck, 800)  # the warmup has no reference
+        gad.build(ck, 800, only=["student", "discriminator"])
+    for name in ("student", "reference"):
+        for a, b in zip(_leaves(gad[name].params), _leaves(shifted)):
+            np.testing.assert_array_equal(a, b, err_msg=name)
