@@ -23,8 +23,10 @@ For each of ``sgalm.iterations`` iterations t:
 
 Variants (``sgalm.variant``): ``full``; ``d_only`` (no G steps); ``g_only`` (no D steps; the reward
 is D frozen at the iteration start); ``two_models`` (separate G and D params and optimizer states,
-the same steps). Checkpoints (Orbax) are taken every ``checkpoint.every_steps`` updates, at the end
-of every iteration and on SIGTERM; the metadata says where in the iteration to resume.
+the same steps). Roles (:mod:`sgalm_jax.training.roles`): one learner ``model`` reached as
+``generator`` and ``discriminator``, or two learners of one graph for ``two_models``. Checkpoints
+(Orbax, every role) are taken every ``checkpoint.every_steps`` updates, at the end of every
+iteration and on SIGTERM; the metadata says where in the iteration to resume.
 """
 
 from __future__ import annotations
