@@ -386,8 +386,9 @@ class GRPO:
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
                                min_batch_bucket=self.prompts_per_rollout,
                                min_prompt_bucket=min(cfg.data.min_bucket, cfg.grpo.max_prompt_length))
+        # Rows per no-grad forward: one micro-batch, the train step's activation footprint.
         self.logprobs = LogprobPass(self.graphdef, self.opts, self.mesh,
-                                    rows_per_call=self.rows_per_step,
+                                    rows_per_call=self.rows_per_step // cfg.train.grad_accum_steps,
                                     compute_dtype=cfg.train.compute_dtype or None)
         return meta
 
