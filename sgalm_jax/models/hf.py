@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator
 
 import jax
@@ -29,6 +28,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from sgalm_jax.errors import CheckpointError
+from sgalm_jax.fileio import apply_umask, make_temp_dir
 from sgalm_jax.models.config import ModelConfig, dtype_name, resolve_dtype
 from sgalm_jax.models.transformer import CausalLM
 
@@ -122,10 +122,16 @@ def _tensor_files(path: str) -> dict[str, str]:
     index_path = os.path.join(path, SAFE_INDEX)
     if os.path.exists(index_path):
         try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index "
+                                  f"({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file "
+                                  f"names, got {type(weight_map).__name__}")
         files = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
         for fname in sorted(set(files.values())):
             if not os.path.exists(fname):
@@ -275,7 +281,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    tmp = make_temp_dir(parent, ".export-")  # the umask's mode, not mkdtemp's 0700
     try:
         shards: list[list[str]] = [[]]
         sizes = [0]
@@ -313,6 +319,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
                 json.dump(hf_config, f, indent=2)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            apply_umask(tmp)  # safetensors writes 0600: readable as the umask allows instead
             _move_into_place(tmp, path)
     finally:
         if os.path.exists(tmp):
