@@ -24,11 +24,11 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from sgalm_jax.errors import CheckpointError
-from sgalm_jax.fileio import apply_umask, make_temp_dir
+from sgalm_jax.fileio import apply_umask, describe_os_error, make_temp_dir
 from sgalm_jax.models.config import ModelConfig, dtype_name, resolve_dtype
 from sgalm_jax.models.transformer import CausalLM
 
@@ -321,6 +321,9 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
                 tokenizer.save_pretrained(tmp)
             apply_umask(tmp)  # safetensors writes 0600: readable as the umask allows instead
             _move_into_place(tmp, path)
+    except (OSError, SafetensorError) as e:  # e.g. a full disk: the old export is untouched
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        raise CheckpointError(f"{path}: cannot write the export ({why})") from None
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

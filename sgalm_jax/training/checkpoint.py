@@ -355,11 +355,24 @@ class _OrbaxErrorFilter(logging.Filter):
     :class:`Checkpointer` reports it once as a CheckpointError. Keep those at DEBUG level only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and (
-                "orbax" in record.pathname or "orbax" in str(record.getMessage())):
+        if record.levelno >= logging.ERROR and _from_orbax(record):
             log.debug("orbax: %s", record.getMessage().splitlines()[0][:500])
             return False
         return True
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+    """Whether Orbax logged ``record``: by its source file, by a caller on the current stack (the
+    filter runs in the logging thread; ``pathname`` is absl's own file when absl's logger was
+    created before ``absl.logging`` was imported), or by its message (asyncio's reports)."""
+    if "orbax" in record.pathname or "orbax" in str(record.getMessage()):
+        return True
+    frame = sys._getframe(1)
+    while frame is not None:
+        if "orbax" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 _QUIET = False

@@ -107,12 +107,13 @@ class FiniteGuard:
             return ""
         try:
             self.checkpointer.wait()
-            latest = self.checkpointer.latest_step()
         except Exception:  # noqa: BLE001 - the divergence is the error to report
-            return ""
-        if latest is None:
+            pass
+        steps = self.checkpointer.complete_steps()
+        if not steps:
             return " (no checkpoint was saved yet)"
-        return f"; the last complete checkpoint is step {latest} in {self.checkpointer.directory}"
+        return (f"; the last complete checkpoint is step {steps[-1]} in "
+                f"{self.checkpointer.directory}")
 
 
 __all__ = ["FiniteGuard", "NONFINITE_MODES"]
