@@ -249,9 +249,28 @@ class Checkpointer:
 
     def _verified(self, step: int) -> int:
         """``step`` if its checksums match, else (on_corrupt="previous") the latest intact
-        earlier step; raises CheckpointError otherwise."""
+        earlier step; raises CheckpointError otherwise. On several hosts, process 0 verifies (and
+        moves corrupt folders aside) and broadcasts the step every process then restores."""
         if not self.checksums:
             return step
+        if jax.process_count() == 1:
+            return self._verified_here(step)
+        from jax.experimental import multihost_utils
+
+        chosen, error = -1, ""
+        if jax.process_index() == 0:
+            try:
+                chosen = self._verified_here(step)
+            except CheckpointError as e:
+                error = str(e)
+        chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+        self.manager.reload()  # process 0 may have moved a corrupt step aside
+        if chosen < 0:
+            raise CheckpointError(error or f"{self.directory}: no intact checkpoint at or before "
+                                  f"step {step} (see process 0's error)")
+        return chosen
+
+    def _verified_here(self, step: int) -> int:
         candidates = [s for s in self.complete_steps() if s <= step] or [step]
         for s in reversed(candidates):
             folder = self.step_dir(s)
