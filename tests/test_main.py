@@ -302,7 +302,7 @@ def _main_error(capsys, *overrides, config=TINY):
     return status, lines[0]
 
 
-def test_io_faults_end_in_one_message_naming_the_path(tmp_path, capsys, readonly_dir):
+def test_io_faults_end_in_one_message_naming_the_path(tmp_path, capsys):
     as_file = tmp_path / "workdir_file"
     as_file.write_text("x")
     assert _main_error(capsys, f"--config.workdir={as_file}") == (
@@ -316,11 +316,6 @@ def test_io_faults_end_in_one_message_naming_the_path(tmp_path, capsys, readonly
     (w / "checkpoints").write_text("x")
     status, msg = _main_error(capsys, f"--config.workdir={w}")
     assert status == 1 and msg.startswith(f"error: {w}/checkpoints: expected a folder"), msg
-    status, msg = _main_error(capsys, f"--config.workdir={readonly_dir}")
-    assert (status, msg) == (1, "error: workdir: the run directory is not writable: "
-                                f"{readonly_dir}/run.lock: read-only file system"
-                                if os.geteuid() == 0 else
-                                f"{readonly_dir}/run.lock: permission denied")
 
     # Data: a folder given as the data file; bytes that are not UTF-8.
     data = tmp_path / "data.jsonl"
@@ -341,6 +336,14 @@ def test_io_faults_end_in_one_message_naming_the_path(tmp_path, capsys, readonly
     status, msg = _main_error(capsys, "--config.model.init=", f"--config.model.path={model}")
     assert (status, msg) == (2, f"config error: model.path: {model}/config.json: expected a JSON "
                                 "object (a model config), got list")
+
+
+def test_read_only_workdir(readonly_dir, capsys):
+    why = "read-only file system" if os.geteuid() == 0 else "permission denied"
+    assert _main_error(capsys, f"--config.workdir={readonly_dir}") == (
+        1, f"error: workdir: the run directory is not writable: {readonly_dir}/run.lock: {why}")
+    assert _main_error(capsys, f"--config.workdir={readonly_dir}/run") == (
+        1, f"error: workdir: cannot create the run directory: {readonly_dir}/run: {why}")
 
 
 def test_a_busy_workdir_is_refused_with_the_holders_pid(tmp_path, capsys):
