@@ -178,6 +178,14 @@ def test_load_onto_mesh_shards_body_and_head(hf_scorer_dir, hf_model_dir):
     assert fresh.score.kernel[...].sharding.spec == P("fsdp", None)
     np.testing.assert_array_equal(fresh.score.kernel[...],
                                   load_score_model(hf_model_dir("qwen2"), seed=1).score.kernel[...])
+    # ... and so is one made from a sharded causal LM already in memory (body copied, not aliased).
+    lm = load_pretrained(hf_model_dir("qwen2"), mesh=mesh)
+    made = score_model_from_causal_lm(lm, seed=1)
+    assert made.score.kernel[...].sharding.spec == P("fsdp", None)
+    q = made.model.layers[0].self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P("fsdp", "tensor")
+    assert q is not lm.model.layers[0].self_attn.q_proj.kernel[...]
+    np.testing.assert_array_equal(our_scores(made, ids, mask), our_scores(fresh, ids, mask))
 
 
 def test_packed_rows_and_empty_rows(hf_scorer_dir):
