@@ -33,6 +33,7 @@ class FakeJudge:
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.faults: list[list] = []
+        self.sleep = 0.6  # seconds a "timeout" fault waits before answering
         self.lock = threading.Lock()
         judge = self
 
@@ -75,7 +76,7 @@ class FakeJudge:
     def respond(self, handler, payload, fault):
         status, body, headers = 200, None, {}
         if fault == "timeout":
-            time.sleep(0.6)
+            time.sleep(self.sleep)
         elif fault in ("500", "503"):
             status, body = int(fault), b'{"error": "overloaded"}'
         elif fault == "429":
@@ -184,7 +185,8 @@ def test_both_orders_undoes_the_swap(server, tmp_path):
 def test_retries_on_5xx_429_and_timeout_then_succeeds(server, tmp_path):
     server.faults = [["Name a prime", "500", 2], ["What is 2+2", "429", 1],
                      ["Say hi", "timeout", 1]]
-    judge = Judge(backend(server, tmp_path, timeout=0.3))
+    server.sleep = 2.0  # a 1 s client timeout: ordinary replies never come near it
+    judge = Judge(backend(server, tmp_path, timeout=1.0))
     result = judge.evaluate(ITEMS)
     assert result.metrics["judge_score"] == pytest.approx(sum(EXPECTED) / 3)
     # q1 is in both its reference and scoring bodies: 2 failures; q2 1; q3 1 (timed out)
