@@ -35,3 +35,7 @@ class NonFiniteError(SgalmError, FloatingPointError):
 class WorkdirError(SgalmError, OSError):
     """The run directory cannot be used: not a folder, not writable, full, malformed, or in use
     by another run (the message names the path)."""
+
+
+class JudgeError(SgalmError):
+    """A judge (LLM-as-a-judge endpoint or local model) failed or gave an unusable reply."""
