@@ -117,7 +117,7 @@ def parse_config(argv: Sequence[str]) -> Any:
             file_arg = arg.split("=", 1)[1]
         elif arg == "--config" and i + 1 < len(argv):
             file_arg = argv[i + 1]
-    loaded = None
+    loaded = cfg.get_config() if file_arg is None else None  # the embedded default
     if file_arg is not None:
         path = file_arg.split(":", 1)[0]
         if os.path.isdir(path):
@@ -127,11 +127,12 @@ def parse_config(argv: Sequence[str]) -> Any:
         loaded = _load_config_file(file_arg)  # its own failures, reported as the file's
 
     fv = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file("config", default=_BASE_CONFIG_FILE, flag_values=fv,
-                                             lock_config=True, sys_argv=argv)
     flags.DEFINE_boolean("describe", False, "print every config key and exit", flag_values=fv)
     overrides = _override_keys(argv[1:])
     try:
+        # Defining the flag already parses the default file with the overrides applied.
+        holder = config_flags.DEFINE_config_file("config", default=_BASE_CONFIG_FILE,
+                                                 flag_values=fv, lock_config=True, sys_argv=argv)
         fv(argv)
         config = holder.value
     except flags.Error as e:  # wrong type in an override: absl names the flag (--config.KEY)
@@ -142,7 +143,7 @@ def parse_config(argv: Sequence[str]) -> Any:
         if missing:
             raise ConfigError(missing) from None
         blame = (f"the overrides {' '.join('--config.' + k for k in overrides)}" if overrides
-                 and loaded is not None else f"--config {file_arg or _BASE_CONFIG_FILE}")
+                 else f"--config {file_arg or _BASE_CONFIG_FILE}")
         raise ConfigError(f"{blame}: cannot apply ({type(e).__name__}: {e})") from None
     if fv["describe"].value:
         print(cfg.describe())

@@ -287,6 +287,8 @@ def test_config_file_failures_are_reported_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.hf_config\.hidden_size: not in the config, and "
                                           r"an override can only change a key that exists"):
         _prepare("--config.model.hf_config.hidden_size=128")
+    with pytest.raises(ConfigError, match=r"^model\.hf_config\.x: not in the config"):
+        _prepare("--config.model.hf_config.x=1", config=None)  # the embedded default config
     with pytest.raises(ConfigError, match="is a folder, not a config file"):
         _prepare(config=str(tmp_path))
 
