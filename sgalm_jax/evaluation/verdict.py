@@ -200,7 +200,9 @@ def plan_tests(tests: str, names_under_test: Iterable[str] = ()) -> TestPlan:
         tree = ast.parse(tests)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         raise UnsupportedTest(f"tests do not parse: {type(e).__name__}: {e}") from None
-    program_names = set(names_under_test)
+    # Module names of the judge (math, sys...) always stay the judge's: a reference that imports
+    # ``math`` does not make ``math.isclose`` in the asserts the program's.
+    program_names = set(names_under_test) - set(_MODULE_ATTRS)
     steps: list[list] = []
     asserts: list[AssertPlan] = []
     probe_sources: dict[int, str] = {}
@@ -211,7 +213,7 @@ def plan_tests(tests: str, names_under_test: Iterable[str] = ()) -> TestPlan:
                     raise UnsupportedTest(f"line {n.lineno}: an assert inside a compound statement cannot be "
                                           "judged outside the sandbox")
             steps.append(["exec", ast.get_source_segment(tests, st) or ast.unparse(st)])
-            program_names |= defined_names(ast.unparse(st))
+            program_names |= defined_names(ast.unparse(st)) - set(_MODULE_ATTRS)
             continue
         seg = ast.get_source_segment(tests, st) or ast.unparse(st)
         try:
@@ -223,9 +225,27 @@ def plan_tests(tests: str, names_under_test: Iterable[str] = ()) -> TestPlan:
     return TestPlan(steps, asserts, probe_sources)
 
 
-def _mentions_program(node: ast.AST, program: set[str], local: frozenset[str]) -> bool:
+def _bound_inside(node: ast.AST) -> set[str]:
+    """Names bound by comprehension targets and lambda parameters anywhere inside ``node``."""
+    out: set[str] = set()
     for n in ast.walk(node):
-        if isinstance(n, ast.Name) and n.id not in local and (n.id in program or n.id not in TRUSTED_NAMES):
+        if isinstance(n, ast.comprehension):
+            out |= {x.id for x in ast.walk(n.target) if isinstance(x, ast.Name)}
+        elif isinstance(n, ast.Lambda):
+            out |= {a.arg for a in (*n.args.posonlyargs, *n.args.args, *n.args.kwonlyargs)}
+            out |= {a.arg for a in (n.args.vararg, n.args.kwarg) if a is not None}
+    return out
+
+
+def _mentions_program(node: ast.AST, program: set[str], local: frozenset[str]) -> bool:
+    """Whether ``node`` uses a name the judge must not evaluate (the program's, or unknown).
+
+    Comprehension variables and lambda parameters bound inside ``node`` are local: the judge
+    evaluates ``[i * i for i in range(3)]`` itself. A program name that is also bound locally
+    somewhere inside counts as the program's (conservative)."""
+    bound = _bound_inside(node) | local
+    for n in ast.walk(node):
+        if isinstance(n, ast.Name) and (n.id in program or (n.id not in TRUSTED_NAMES and n.id not in bound)):
             return True
     return False
 
