@@ -81,7 +81,7 @@ SAFE_PRELOAD = frozenset({
     "calendar", "time", "io", "contextlib", "types", "keyword", "queue", "abc", "statistics",
     "dataclasses", "difflib", "pprint", "hashlib", "base64", "binascii", "weakref", "reprlib",
     "sys", "os", "locale", "zlib", "html", "csv", "graphlib", "fnmatch", "shlex", "string",
-    "collections.abc", "inspect", "ast", "tokenize", "token", "secrets",
+    "collections.abc", "inspect", "ast", "tokenize", "token", "secrets", "tempfile",
 })
 
 
@@ -465,23 +465,20 @@ class Sandbox:
             duration = time.monotonic() - t0
             out = _tail(iodir / "out", cfg.keep_output_chars)
             err = _tail(iodir / "err", cfg.keep_output_chars)
-            records = _read_records(iodir / "result", (cfg.file_size_mb << 20) + (1 << 20))
+            records, malformed = _read_records(iodir / "result", (cfg.file_size_mb << 20) + (1 << 20))
             if workdir is not None:
                 shutil.rmtree(workdir, ignore_errors=True)
             shutil.rmtree(iodir, ignore_errors=True)
-        return self._judge(plan, records, rc, timed_out, duration, out, err)
+        return self._judge(plan, records, malformed, rc, timed_out, duration, out, err)
 
-    def _judge(self, plan, records: list | None, rc: int | None, timed_out: bool, duration: float, out: str, err: str) -> SandboxResult:
+    def _judge(self, plan, records: list[dict], malformed: bool, rc: int | None, timed_out: bool, duration: float, out: str, err: str) -> SandboxResult:
         """The verdict, from the exit status and the probes' values only (see verdict.judge)."""
         cfg = self.config
         isolation = self.isolation
         values: dict[int, Any] = {}
         errors: dict[int, str] = {}
-        failure: str | None = None
+        failure = "malformed result channel" if malformed else None
         done = False
-        if records is None:
-            failure = "malformed result channel"
-            records = []
         for rec in records:
             if "isolation" in rec and isolation == self.isolation and isinstance(rec["isolation"], str):
                 isolation = f"{self.isolation}:{rec['isolation'][:200]}"  # the first record, written before the program ran
@@ -523,27 +520,29 @@ class Sandbox:
                              extra={"asserts": len(plan.asserts)})
 
 
-def _read_records(path: Path, cap: int) -> list | None:
-    """The result channel's JSON records; None when it is malformed or larger than ``cap``."""
+def _read_records(path: Path, cap: int) -> tuple[list[dict], bool]:
+    """The result channel's JSON records and whether anything on it was malformed (a line that
+    is not a JSON object, or more than ``cap`` bytes in all)."""
     try:
         with open(path, "rb") as f:
             data = f.read(cap + 1)
     except OSError:
-        return []
-    if len(data) > cap:
-        return None
+        return [], False
+    bad = len(data) > cap
     out = []
-    for line in data.split(b"\n"):
+    for line in data[:cap].split(b"\n"):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except (ValueError, RecursionError):
-            return None
-        if not isinstance(rec, dict):
-            return None
-        out.append(rec)
-    return out
+            bad = True
+            continue
+        if isinstance(rec, dict):
+            out.append(rec)
+        else:
+            bad = True
+    return out, bad
 
 
 def run_program(program: str, tests: str = "", config: SandboxConfig | None = None,
