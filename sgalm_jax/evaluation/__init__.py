@@ -10,10 +10,10 @@ from sgalm_jax.evaluation.generation import GenerateFn, LoglikFn, evaluate_gener
 from sgalm_jax.evaluation.gsm8k import evaluate_gsm8k, gsm8k_exact_match
 from sgalm_jax.evaluation.mbpp import evaluate_mbpp
 from sgalm_jax.evaluation.results import EvalResult, write_results
-from sgalm_jax.evaluation.sandbox import Sandbox, SandboxConfig, SandboxResult, run_program
+from sgalm_jax.evaluation.sandbox import Sandbox, SandboxConfig, SandboxResult, SandboxUnavailable, run_program
 
 __all__ = [
-    "EvalResult", "GenerateFn", "LoglikFn", "Sandbox", "SandboxConfig", "SandboxResult", "choose",
+    "EvalResult", "GenerateFn", "LoglikFn", "Sandbox", "SandboxConfig", "SandboxResult", "SandboxUnavailable", "choose",
     "evaluate_arc_generate", "evaluate_arc_loglik", "evaluate_generation", "evaluate_gsm8k",
     "evaluate_mbpp", "generate_all", "gsm8k_exact_match", "pass_at_k", "run_program", "write_results",
 ]

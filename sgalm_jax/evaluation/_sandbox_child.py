@@ -30,7 +30,7 @@ import os
 import sys
 
 # ------------------------------------------------------------------------------------ encoding
-# The value encoding read by ``sgalm_jax.evaluation.verdict.decode_value``:
+# The value encoding read by ``sgalm_jax.evaluation.plain_values.decode_value``:
 #   null / true / false / JSON string / JSON integer (|v| < 2**53)  -> None / bool / str / int
 #   ["int", hex] ["float", float.hex] ["complex", re_hex, im_hex] ["bytes", hex] ["bytearray", hex]
 #   ["list"|"tuple"|"set"|"frozenset"|"deque"|"iter"|"keys"|"values", [items]]
