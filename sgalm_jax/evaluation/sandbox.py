@@ -501,6 +501,11 @@ class Sandbox:
                 failure = f"{e.get('phase', '?')} failed: {str(e.get('message'))[:300]}" if isinstance(e, dict) else "failed"
             elif rec.get("done") is True:
                 done = True
+        if isolation == self.isolation and not timed_out:
+            # No header: the bootstrap never reached the program (bwrap or the interpreter failed
+            # to start). A harness error, not the program's failure.
+            tail = err.strip().splitlines()[-1][-300:] if err.strip() else f"exit status {rc}"
+            return SandboxResult(False, "error", rc, duration, f"sandbox did not start: {tail}", out, err, isolation)
         if timed_out:
             return SandboxResult(False, "timeout", rc, duration, f"wall-clock timeout ({cfg.timeout_s:g} s)", out, err, isolation)
         if rc is not None and rc < 0:

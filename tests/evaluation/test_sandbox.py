@@ -222,3 +222,12 @@ def test_gold_solutions_all(shared_data, capsys, file, n):
         print(f"\n{file} gold: {n - len(failed)}/{n} in {time.monotonic() - t0:.0f} s, isolation "
               f"{task.sandbox().isolation}; failed: {failed}")
     assert failed == []
+
+
+def test_a_sandbox_that_cannot_start_is_a_harness_error(tmp_path):
+    """A broken interpreter is reported as status ``error``, not as the program's failure."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    r = Sandbox(SandboxConfig(timeout_s=TIMEOUT, isolation="guarded", python=str(fake)), max_workers=1).run("x = 1")
+    assert not r.passed and r.status == "error" and "cannot start" in r.reason
