@@ -25,3 +25,7 @@ class DataError(SgalmError, ValueError):
 
 class ShardingError(SgalmError, ValueError):
     """A mesh shape or sharding does not fit the available devices or array shapes."""
+
+
+class JudgeError(SgalmError):
+    """A judge (LLM-as-a-judge endpoint or local model) failed or gave an unusable reply."""

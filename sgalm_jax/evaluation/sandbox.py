@@ -357,7 +357,14 @@ class Sandbox:
         defines at top level. See :mod:`sgalm_jax.evaluation.verdict`."""
         uid = self._slots.get()
         try:
-            return self._run(program, tests, uid, names_under_test)
+            for attempt in range(3):
+                result = self._run(program, tests, uid, names_under_test)
+                # "error": the bootstrap never reached the program (e.g. a transient failure to
+                # create namespaces), so running it again is safe.
+                if result.status != "error":
+                    break
+                time.sleep(0.05 * (attempt + 1))
+            return result
         finally:
             self._slots.put(uid)
 
