@@ -75,6 +75,7 @@ from sgalm_jax.training import (
     split_model,
     trainable_mask,
 )
+from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import setup_run
 
 log = logging.getLogger(__name__)
@@ -380,7 +381,8 @@ class GRPO:
         policy.add_step("grpo", make_grpo_loss(self.graphdef, self.opts),
                         grad_accum_steps=cfg.train.grad_accum_steps,
                         accum_weight=LOSS_TYPES[cfg.grpo.loss_type][1],
-                        compute_dtype=cfg.train.compute_dtype or None, trainable=trainable)
+                        compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
+                        skip_nonfinite=cfg.train.nonfinite == "skip")
         from sgalm_jax.sampling import Sampler
 
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
@@ -493,9 +495,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """Train; returns the last logged metrics (and ``preempted`` / ``export`` entries)."""
     algo = GRPO(config, workdir)
     g = config.grpo
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                        every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
+    ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    algo.finite = finite = FiniteGuard.from_config(config, ckpt)
     resume_step = ckpt.latest_step() if config.checkpoint.resume else None
     meta = algo.build_roles(ckpt, resume_step)
     r0 = int(meta.get("rollout", 0))
@@ -506,7 +507,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     every = int(config.checkpoint.every_steps)
     last: dict[str, Any] = {}
     preempted = False
-    with PreemptionGuard() as guard, MetricsWriter(
+    with ckpt, PreemptionGuard() as guard, MetricsWriter(
             workdir, total_steps=int(config.train.num_steps), initial_step=u,
             tensorboard=config.metrics.tensorboard, progress_bar=config.metrics.progress_bar,
             bar_keys=("reward_mean", "kl", "completion_length_mean")) as writer:
@@ -520,11 +521,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             t3 = time.perf_counter()
             steps = algo.update(r, rows)
             t4 = time.perf_counter()
+            for k, m in enumerate(steps):
+                finite.add(u + k + 1, m)
             prev, u = u, u + algo.updates_per_rollout
             record.update(_mean_metrics(steps))
             record.update({"rollout": r, "time/rollout": t1 - t0, "time/reward": t2 - t1,
                            "time/logprobs": t3 - t2, "time/update": t4 - t3})
             last = writer.write(u, record)
+            finite.check()  # before any save: never checkpoint or export a diverged state
             if algo.is_main and g.save_rollouts:
                 order = np.argsort(algo.minibatch_order(r, 0), kind="stable")
                 save_rollout(os.path.join(workdir, "rollouts", f"rollout_{r:06d}.jsonl"),

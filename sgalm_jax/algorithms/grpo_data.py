@@ -46,21 +46,22 @@ def load_prompt_pool(config: Any, tokenizer: Any, *, vocab_size: int) -> PromptP
         user = [task.chat_user(e) if d.chat_template else task.format_prompt(e) for e in examples]
     else:
         examples, user = [], []
-        with open(d.train_file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{d.train_file}:{lineno}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get(d.prompt_key), str):
-                    raise DataError(f"{d.train_file}:{lineno}: field {d.prompt_key!r} missing or "
-                                    "not a string (data.prompt_key)")
-                examples.append(rec)
-                user.append(rec[d.prompt_key])
-                if limit and len(examples) >= limit:
-                    break
+        from sgalm_jax.data.io import iter_lines
+
+        for lineno, line in iter_lines(d.train_file):  # DataError naming a non-UTF-8 line
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{d.train_file}:{lineno}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get(d.prompt_key), str):
+                raise DataError(f"{d.train_file}:{lineno}: field {d.prompt_key!r} missing or "
+                                "not a string (data.prompt_key)")
+            examples.append(rec)
+            user.append(rec[d.prompt_key])
+            if limit and len(examples) >= limit:
+                break
     if not examples:
         raise DataError(f"{d.train_file or d.task}: no prompts")
     if d.chat_template:

@@ -78,6 +78,7 @@ from sgalm_jax.training import (
     split_model,
     trainable_mask,
 )
+from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
 from sgalm_jax.training.tokenizer import BUILTIN_TINY, LabelTokenIds
@@ -437,7 +438,8 @@ class SGALM:
         trainable = (trainable_mask(gen.params, cfg.optimizer.freeze)
                      if cfg.optimizer.freeze else None)
         common = dict(grad_accum_steps=cfg.train.grad_accum_steps,
-                      compute_dtype=cfg.train.compute_dtype or None, trainable=trainable)
+                      compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
+                      skip_nonfinite=cfg.train.nonfinite == "skip")
         labels = self.data.labels
         disc.add_step("d", make_d_loss(self.graphdef, labels), **common)
         extra = (disc.shardings.params,) if self.gen_opts.reward_source == "separate" else ()
@@ -561,9 +563,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """Train; returns the last diagnostics (and ``preempted`` / ``export`` entries)."""
     algo = SGALM(config, workdir)
     s = config.sgalm
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                        every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
+    ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    finite = FiniteGuard.from_config(config, ckpt)
     resume_step = ckpt.latest_step() if config.checkpoint.resume else None
     roles, meta = algo.build_roles(ckpt, resume_step)
     algo.make_steps(roles)
@@ -577,7 +578,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     preempted = False
     u = t * algo.per_iter + i0
-    with PreemptionGuard() as guard, MetricsWriter(
+    with ckpt, PreemptionGuard() as guard, MetricsWriter(
             workdir, total_steps=algo.total_updates, initial_step=u,
             tensorboard=config.metrics.tensorboard, progress_bar=config.metrics.progress_bar,
             bar_keys=("d_loss", "d_acc", "g_loss")) as writer:
@@ -611,16 +612,20 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 rnd, within = divmod(i, per_round)
                 if within < algo.steps_d:
                     batch = algo.d_batch(train, mb, rnd * algo.steps_d + within)
-                    m = _d_metrics(jax.device_get(disc.step("d", to_global(batch, algo.mesh))))
+                    m = disc.step("d", to_global(batch, algo.mesh))
+                    finite.add(u + 1, m, role="discriminator")
+                    m = _d_metrics(jax.device_get(m))
                 else:
                     batch = algo.g_batch(train, mb, rnd * algo.steps_g + within - algo.steps_d)
                     extra = (disc.params,) if algo.gen_opts.reward_source == "separate" else ()
-                    m = _g_metrics(jax.device_get(gen.step("g", to_global(batch, algo.mesh),
-                                                           *extra)))
+                    m = gen.step("g", to_global(batch, algo.mesh), *extra)
+                    finite.add(u + 1, m, role="generator")
+                    m = _g_metrics(jax.device_get(m))
                 u += 1
                 if u % config.train.log_every == 0 or i + 1 == algo.per_iter:
                     m["iteration"] = t
                     writer.write(u, m)
+                finite.check()  # every update (its metrics are on the host already)
                 stop = guard.should_stop(u)
                 if ckpt.should_save(u) or stop or i + 1 == algo.per_iter:
                     roles.save(ckpt, u, {"iteration": t, "iter_step": i + 1, "update": u,

@@ -235,6 +235,14 @@ class Role:
             self.frozen_params = params
 
 
+def _check_manifest(ckpt: Checkpointer, step: int, stored: Any, names: list[str]) -> None:
+    if stored is not None and sorted(stored) != names:
+        raise CheckpointError(
+            f"{ckpt.directory}/{step}: the checkpoint holds roles {sorted(stored)}, this run "
+            f"restores {names} (a different algorithm, variant or stage wrote it; use a new "
+            "workdir)")
+
+
 class Roles:
     """The roles of one run, by name (see the module docstring)."""
 
@@ -354,17 +362,18 @@ class Roles:
             return {}
         restore = self.saved_roles() if only is None else [self[n] for n in only]
         names = sorted(r.name for r in restore)
-        stored = ckpt.read_meta(step).get("roles")
-        if stored is not None and sorted(stored) != names:
-            raise CheckpointError(
-                f"{ckpt.directory}/{step}: the checkpoint holds roles {sorted(stored)}, this run "
-                f"restores {names} (a different algorithm, variant or stage wrote it; use a new "
-                "workdir)")
+        try:  # the manifest first, for a clear error before any array is read
+            stored = ckpt.read_meta(step).get("roles")
+        except CheckpointError:  # unreadable metadata: restore() verifies the checksums and
+            stored = None        # names the corrupt checkpoint (or falls back to an earlier one)
+        _check_manifest(ckpt, step, stored, names)
         target = {r.name: r.restore_target() for r in restore}
         try:
             restored, meta = ckpt.restore(target, step)
         except CheckpointError as e:
             raise CheckpointError(f"{e}; roles restored: {names}") from e
+        step = int(meta.get("step", step))  # checkpoint.on_corrupt='previous' may pick another
+        _check_manifest(ckpt, step, meta.get("roles"), names)
         for role in self._roles.values():
             if role.kind == VIEW:
                 continue
