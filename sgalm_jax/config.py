@@ -196,6 +196,9 @@ _SCHEMA: dict[str, Any] = {
         "normalize": ("token", "loss normalisation: token, sequence, sequence_sum or sum"),
         "logits_chunk_size": (0, "compute the loss from hidden states this many positions at a "
                                  "time, never materialising [B, T, vocab] logits; 0 = full logits"),
+        "distill": (False, "train on distillation pairs (SeqKD): prompts and teacher responses "
+                           "read and cut as GAD reads them (the distill section), the loss on "
+                           "the response and its end token"),
     },
     "eval": {
         "tasks": ("gsm8k", "comma-separated tasks: gsm8k, arc (ARC-Challenge), mbpp, "
