@@ -141,6 +141,11 @@ register_section("gad", {
     "mask_truncated": (False, "responses cut at distill.max_response_tokens get no GRPO loss"),
     "logprob_chunk_size": (256, "GRPO log-probs from hidden states in chunks of this many "
                                 "positions"),
+    "d_grad_accum_steps": (0, "micro-batches of the discriminator's step (whole prompt groups: "
+                              "the teacher and its G responses) and of the warmup's SFT step; "
+                              "0 = train.grad_accum_steps"),
+    "rollout_batch_size": (0, "responses per sampler call (bounds the KV cache; whole prompt "
+                              "groups); 0 = all of a step's at once"),
     "score_batch_size": (0, "rows per no-grad discriminator forward; 0 = one train micro-batch "
                             "of prompts with their groups"),
     "eval_examples": (64, "checkpoint evaluation: greedy responses to this many held-out prompts "
@@ -174,6 +179,11 @@ def prompts_per_step(config: Any) -> int:
     return config.train.batch_size * g.num_minibatches // g.num_generations
 
 
+def d_accum(config: Any) -> int:
+    """Micro-batches of the discriminator's (and the warmup SFT's) step."""
+    return int(config.gad.d_grad_accum_steps) or int(config.train.grad_accum_steps)
+
+
 def validate(config: Any) -> None:
     """GAD checks (model, tokenizer, data and devices as SFT; the distill and gad sections)."""
     from sgalm_jax.algorithms import sft
@@ -196,6 +206,7 @@ def validate(config: Any) -> None:
     if g.num_generations < 2:
         raise ConfigError("gad.num_generations: must be >= 2 (a group of one has no advantage)")
     for key in ("d_only_steps", "warmup_step", "d_learning_rate", "beta", "clip_eps_high",
+                "d_grad_accum_steps", "rollout_batch_size",
                 "top_k", "adv_eps", "score_batch_size", "eval_examples", "early_stop_patience",
                 "log_samples"):
         if g[key] < 0:
@@ -226,12 +237,16 @@ def validate(config: Any) -> None:
         raise ConfigError(f"train.batch_size: a rollout of train.batch_size x num_minibatches = "
                           f"{rollout} responses is not a whole number of groups of "
                           f"gad.num_generations={g.num_generations}")
-    p, k = prompts_per_step(config), config.train.grad_accum_steps
+    p, k = prompts_per_step(config), d_accum(config)
     if p % k or (p // k) % _dp(config):
-        raise ConfigError(f"train.batch_size: the {p} prompts of a step (with their teacher "
-                          f"responses: the discriminator's and the SFT batch) split in "
-                          f"train.grad_accum_steps={k} micro-batches are not divisible by the "
-                          f"data-parallel size {_dp(config)}")
+        raise ConfigError(f"gad.d_grad_accum_steps: the {p} prompts of a step (the "
+                          f"discriminator's groups, the warmup's SFT rows) in {k} micro-batches "
+                          f"(gad.d_grad_accum_steps, 0 = train.grad_accum_steps) do not divide "
+                          f"into whole micro-batches divisible by the data-parallel size "
+                          f"{_dp(config)}")
+    if g.rollout_batch_size % g.num_generations:
+        raise ConfigError(f"gad.rollout_batch_size: {g.rollout_batch_size} is not a whole number "
+                          f"of groups of gad.num_generations={g.num_generations}")
     if g.judge:
         check_judge_config(g.judge, prefix="gad.judge")
     if g.eval_metric == "judge_score" and not g.judge:
@@ -414,24 +429,24 @@ class GAD:
                 log.warning("gad.warmup_dir is empty: the GAD stage starts from the base student "
                             "and a fresh discriminator (the no-warmup ablation)")
 
-        common = dict(grad_accum_steps=cfg.train.grad_accum_steps,
-                      compute_dtype=cfg.train.compute_dtype or None,
+        common = dict(compute_dtype=cfg.train.compute_dtype or None,
                       skip_nonfinite=cfg.train.nonfinite == "skip")
         student = roles["student"]
         trainable = (trainable_mask(student.params, cfg.optimizer.freeze)
                      if cfg.optimizer.freeze else None)
-        roles["discriminator"].add_step("bt", make_bt_loss(self.d_graphdef), **common)
+        roles["discriminator"].add_step("bt", make_bt_loss(self.d_graphdef),
+                                        grad_accum_steps=d_accum(cfg), **common)
         if self.stage == "warmup":
             from sgalm_jax.algorithms.sft import make_sft_loss
 
             student.add_step("sft", make_sft_loss(self.g_graphdef, cfg.sft.normalize,
                                                   cfg.sft.logits_chunk_size),
                              accum_weight="num_tokens" if cfg.sft.normalize == "token" else None,
-                             trainable=trainable, **common)
+                             grad_accum_steps=d_accum(cfg), trainable=trainable, **common)
         else:
             student.add_step("grpo", make_grpo_loss(self.g_graphdef, self.opts),
                              accum_weight=LOSS_TYPES[g.loss_type][1], trainable=trainable,
-                             **common)
+                             grad_accum_steps=cfg.train.grad_accum_steps, **common)
         self._make_tools()
         return meta
 
@@ -439,11 +454,13 @@ class GAD:
         from sgalm_jax.sampling import Sampler
 
         cfg, g = self.config, self.config.gad
+        rb = int(g.rollout_batch_size)
         self.sampler = Sampler(self.g_graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
-                               min_batch_bucket=self.prompts,
+                               min_batch_bucket=rb // self.group if rb else self.prompts,
+                               max_batch_size=rb or None,
                                min_prompt_bucket=min(cfg.data.min_bucket,
                                                      self.encoder.max_prompt_tokens))
-        micro = self.prompts // cfg.train.grad_accum_steps * (1 + self.group)
+        micro = self.prompts // d_accum(cfg) * (1 + self.group)
         self.scorer = ScorePass(self.d_graphdef, self.mesh,
                                 rows_per_call=int(g.score_batch_size) or micro,
                                 compute_dtype=cfg.train.compute_dtype or None)
