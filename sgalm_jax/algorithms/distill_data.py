@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from sgalm_jax.algorithms.grpo_data import PromptPool
-from sgalm_jax.config import register_section
+from sgalm_jax.config import FREE_FORM, register_section, to_dict
 from sgalm_jax.data.distill_tokens import TRUNCATION_MODES, DistillEncoder, EncodedPair
 from sgalm_jax.errors import ConfigError, DataError
 from sgalm_jax.training.batching import TokenizedExample, bucket_length
@@ -45,6 +45,9 @@ register_section("distill", {
                                   "included; also the student's max_new_tokens (GAD: 1536)"),
     "prompt_truncation": ("content", "how a long prompt is cut: content (the last user turn's "
                                      "text, keeping the template whole), right, left or error"),
+    "task_options": ({}, f"{FREE_FORM} keyword arguments of data.task's constructor for tasks "
+                         "with gold answers, e.g. {'min_steps': 1, 'max_steps': 1, "
+                         "'max_value': 20} for arithmetic"),
     "skip_malformed": (False, "skip (and count) malformed records instead of stopping at the "
                               "first with a DataError naming its file and line"),
 }, owner=__name__)
@@ -111,7 +114,12 @@ def distill_task(config: Any, source: str = "") -> Any:
     kwargs: dict[str, Any] = {"source": d.data_dir} if d.data_dir else {}
     if name in DISTILL_TASKS:
         kwargs.update(keys)
-    return get_task(d.task, **kwargs)
+    else:
+        kwargs.update(to_dict(dd.task_options))
+    try:
+        return get_task(d.task, **kwargs)
+    except TypeError as e:  # an option the task's constructor does not take
+        raise ConfigError(f"distill.task_options: {e}") from None
 
 
 def _system(config: Any) -> list[dict[str, str]]:
