@@ -234,7 +234,6 @@ class GRPO:
         self.prompts_per_rollout = self.rows_per_rollout // self.group
         self.updates_per_rollout = self.minibatches * self.epochs
         self.num_rollouts = int(config.train.num_steps) // self.updates_per_rollout
-        self.use_old = self.updates_per_rollout > 1 or g.old_logprobs == "sampler"
         log.info("GRPO: %d rollouts of %d prompts x %d completions, %d optimizer steps each; "
                  "%d prompts; rewards %s", self.num_rollouts, self.prompts_per_rollout,
                  self.group, self.updates_per_rollout, len(self.pool),
