@@ -213,9 +213,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     phase(f"4/6 GAD warmup: {dm.warmup_steps} steps ({g.d_only_steps} discriminator-only)")
     wu_cfg = _sub(config, algorithm="gad", workdir=wu_dir, **start_model, **{
         "gad.stage": "warmup", "train.num_steps": int(dm.warmup_steps),
-        "checkpoint.every_steps": 0, "gad.eval_examples": 0, "checkpoint.export": False})
+        "checkpoint.every_steps": 0, "gad.eval_examples": 0})
     gad.validate(wu_cfg)
-    if not os.path.isdir(os.path.join(wu_dir, "checkpoints", str(dm.warmup_steps))):
+    if not done(wu_dir):
         gad.run(wu_cfg, wu_dir)
 
     gad_dir = os.path.join(workdir, "gad")
@@ -232,14 +232,17 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                                          os.path.join(workdir, "eval_student")),
             f"SeqKD ({updates} updates)": evaluate(gad_cfg, os.path.join(kd_dir, "export"),
                                                    tokenizer, os.path.join(workdir, "eval_seqkd")),
+            f"GAD warmup only ({updates - int(config.train.num_steps)})": evaluate(
+                gad_cfg, os.path.join(wu_dir, "export"), tokenizer,
+                os.path.join(workdir, "eval_gad_warmup")),
             f"GAD ({updates} updates)": evaluate(gad_cfg, os.path.join(gad_dir, "export"),
                                                  tokenizer, os.path.join(workdir, "eval_gad")),
             "teacher (the solver)": teacher_ceiling(gad_cfg, tokenizer)}
     history = [json.loads(x) for x in open(os.path.join(gad_dir, "metrics.jsonl"))
                if "eval/accuracy" in x]
-    print(f"\n{'model':<24}{'accuracy':>10}{'ROUGE-L':>10}{'resp. tokens':>14}")
+    print(f"\n{'model':<28}{'accuracy':>10}{'ROUGE-L':>10}{'resp. tokens':>14}")
     for name, r in rows.items():
-        print(f"{name:<24}{r['accuracy']:>10.3f}{r['rouge_l']:>10.3f}"
+        print(f"{name:<28}{r['accuracy']:>10.3f}{r['rouge_l']:>10.3f}"
               f"{r['response_tokens']:>14.1f}")
     print("GAD checkpoints (accuracy): " + ", ".join(
         f"step {h['step']}: {h['eval/accuracy']:.3f}" for h in history))
