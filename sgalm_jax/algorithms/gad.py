@@ -50,7 +50,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -59,8 +58,13 @@ from sgalm_jax.algorithms.distill_data import (
     DISTILL_TASKS,
     load_distill_pool,
     make_encoder,
-    pad_rows,
     validate_distill,
+)
+from sgalm_jax.algorithms.gad_data import (
+    ScorePass,
+    discriminator_rows,
+    make_bt_loss,
+    teacher_sft_rows,
 )
 from sgalm_jax.algorithms.gad_eval import EVAL_METRICS, CheckpointEval
 from sgalm_jax.algorithms.grpo_data import Rollout, rollout_prompts, save_rollout
@@ -79,8 +83,6 @@ from sgalm_jax.algorithms.grpo_update import (
 from sgalm_jax.config import FREE_FORM, register_section, resolve_mesh
 from sgalm_jax.errors import CheckpointError, ConfigError
 from sgalm_jax.losses.policy_gradient import ADV_SCALES, KL_ESTIMATORS
-from sgalm_jax.losses.preference import bradley_terry_loss
-from sgalm_jax.models.config import resolve_dtype
 from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
@@ -88,7 +90,6 @@ from sgalm_jax.training import (
     Roles,
     inject_fault,
     make_optimizer,
-    model_loss,
     split_model,
     trainable_mask,
 )
@@ -257,58 +258,6 @@ def validate(config: Any) -> None:
                           "e.g. arithmetic or gsm8k); distillation data has none")
     if g.early_stop_patience and not g.eval_examples:
         raise ConfigError("gad.early_stop_patience: needs an evaluation (gad.eval_examples > 0)")
-
-
-# ------------------------------------------------------------------------------------ the losses
-def make_bt_loss(graphdef: Any):
-    """``loss_fn(params, batch, rng)``: group Bradley-Terry on ``[P, 1 + G, T]`` rows (row 0 of
-    each group is prompt + teacher response, scored once and shared by the G students)."""
-
-    def loss_on_model(model, batch, rng):
-        del rng
-        p, g1, t = batch["input_ids"].shape
-        flat = {k: batch[k].reshape(p * g1, t) for k in ("input_ids", "attention_mask",
-                                                         "positions")}
-        scores = model(flat["input_ids"], flat["attention_mask"],
-                       flat["positions"]).reshape(p, g1)
-        loss, m = bradley_terry_loss(scores[:, 0], scores[:, 1:])
-        return loss, {"d_loss": m["d_loss"], "d_acc": m["d_acc"],
-                      "teacher_score": m["chosen_score"], "student_score": m["rejected_score"],
-                      "margin": m["margin"]}
-
-    return model_loss(graphdef, loss_on_model)
-
-
-class ScorePass:
-    """Discriminator scores (no gradient) of ``[N, T]`` rows, ``rows_per_call`` per forward (the
-    last call padded with empty rows, which score 0)."""
-
-    def __init__(self, graphdef: Any, mesh: Any, *, rows_per_call: int, compute_dtype: Any = None):
-        self.mesh, self.rows = mesh, int(rows_per_call)
-        dtype = resolve_dtype(compute_dtype) if compute_dtype else None
-
-        def fn(params, batch):
-            if dtype is not None:  # the train step's numerics with train.compute_dtype
-                params = jax.tree.map(
-                    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                    params)
-            return nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"],
-                                               batch["positions"])
-
-        self._fn = jax.jit(fn)
-
-    def __call__(self, params: Any, rows: dict[str, np.ndarray]) -> np.ndarray:
-        keys = ("input_ids", "attention_mask", "positions")
-        n = len(rows["input_ids"])
-        out = []
-        for start in range(0, n, self.rows):
-            chunk = {k: rows[k][start:start + self.rows] for k in keys}
-            short = self.rows - len(chunk["input_ids"])
-            if short:
-                chunk = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
-                         for k, v in chunk.items()}
-            out.append(np.asarray(jax.device_get(self._fn(params, to_global(chunk, self.mesh)))))
-        return np.concatenate(out)[:n]
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -491,22 +440,11 @@ class GAD:
                               tokenizer=self.tokenizer)
 
     def d_rows(self, rollout: Rollout) -> dict[str, np.ndarray]:
-        """The discriminator's ``[P, 1 + G, T]`` rows: prompt + teacher response, then prompt +
-        each student response, every response end-normalised by the encoder (the ids the
-        discriminator reads; the GRPO update uses the sampled tokens)."""
-        g = self.group
-        seqs = []
-        for j in range(len(rollout) // g):
-            p = int(rollout.prompt_index[j * g])
-            prompt = self.pool.ids[p].tolist()
-            seqs.append(prompt + self.pool.teacher_ids[p].tolist())
-            for i in range(j * g, (j + 1) * g):
-                seqs.append(self.encoder.encode_student(prompt,
-                                                        rollout.completion_ids[i]).input_ids)
+        """The discriminator's ``[P, 1 + G, T]`` rows of a rollout (:func:`discriminator_rows`)."""
         cfg = self.config
-        rows = pad_rows([np.asarray(s, np.int32) for s in seqs], None, pad_id=self.pad,
-                        min_bucket=cfg.data.min_bucket, max_length=cfg.data.max_length)
-        return {k: v.reshape(-1, 1 + g, v.shape[-1]) for k, v in rows.items()}
+        return discriminator_rows(self.pool, self.encoder, rollout, group=self.group,
+                                  pad_id=self.pad, min_bucket=cfg.data.min_bucket,
+                                  max_length=cfg.data.max_length)
 
     def score(self, params: Any, d_rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """``(teacher [P], student [P * G])`` scores of ``d_rows`` under discriminator ``params``."""
@@ -516,12 +454,10 @@ class GAD:
         return scores[:, 0], scores[:, 1:].reshape(-1)
 
     def sft_rows(self, rollout: Rollout) -> dict[str, np.ndarray]:
-        """Prompt + teacher response of each of the step's prompts, the loss on the response."""
-        idx = [int(p) for p in rollout.prompt_index[::self.group]]
+        """Prompt + teacher response of each of the step's prompts (:func:`teacher_sft_rows`)."""
         cfg = self.config
-        return pad_rows([np.concatenate([self.pool.ids[p], self.pool.teacher_ids[p]])
-                         for p in idx], [len(self.pool.ids[p]) for p in idx], pad_id=self.pad,
-                        min_bucket=cfg.data.min_bucket, max_length=cfg.data.max_length)
+        return teacher_sft_rows(self.pool, rollout.prompt_index[::self.group], pad_id=self.pad,
+                                min_bucket=cfg.data.min_bucket, max_length=cfg.data.max_length)
 
     def d_update(self, d_rows: dict[str, np.ndarray]) -> dict[str, Any]:
         """One group Bradley-Terry step of the discriminator (metrics on the device)."""

@@ -23,7 +23,6 @@ metadata, so a resumed run keeps its best and its patience.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any
