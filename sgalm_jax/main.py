@@ -163,10 +163,12 @@ def prepare(argv: Sequence[str]) -> tuple[Any, Any, str]:
     from sgalm_jax import config as cfg
     from sgalm_jax.algorithms import get_algorithm
     from sgalm_jax.training.distributed import maybe_initialize
+    from sgalm_jax.training.lora_setup import check_supported
 
     config = parse_config(argv)
     cfg.validate_config(config)
     algorithm = get_algorithm(config.algorithm)
+    check_supported(config)  # lora.enabled only for algorithms that train adapters
     maybe_initialize(config.distributed)
     if algorithm.validate is not None:
         algorithm.validate(config)

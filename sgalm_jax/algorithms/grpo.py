@@ -64,6 +64,7 @@ from sgalm_jax.losses.common import (
 )
 from sgalm_jax.losses.policy_gradient import ADV_SCALES, KL_ESTIMATORS, group_advantages, grpo_loss
 from sgalm_jax.models.config import resolve_dtype
+from sgalm_jax.models.lora import split_adapters
 from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
@@ -200,6 +201,11 @@ def validate(config: Any) -> None:
     from sgalm_jax.algorithms import sft
 
     sft.validate(config)
+    if config.lora.enabled:
+        from sgalm_jax.training.lora_setup import validate as validate_lora
+        from sgalm_jax.training.model_setup import model_config
+
+        validate_lora(config, model_config(config.model))
     g = config.grpo
     if config.data.packing:
         raise ConfigError("data.packing: not supported by grpo (rows are prompt + completion)")
@@ -350,11 +356,30 @@ class GRPO:
 
     # ---------------------------------------------------------------- roles and steps
     def build_roles(self, ckpt: Checkpointer, resume_step: int | None) -> dict[str, Any]:
-        """``policy`` (learner) and, with beta > 0, ``reference`` (the start model, frozen)."""
+        """``policy`` (learner) and, with beta > 0, ``reference`` (the start model, frozen).
+
+        With ``lora.enabled``: a frozen ``base``, the policy as adapters on it, and the reference
+        a view of the base (the adapters switched off: the start model, no weights of its own).
+        """
         from sgalm_jax.models import CausalLM
         from sgalm_jax.training.model_setup import build_model
 
         cfg = self.config
+        self.roles = Roles(self.mesh)
+        self.lora = None
+        if cfg.lora.enabled:
+            from sgalm_jax.training.lora_setup import LoraSetup
+
+            self.lora = LoraSetup(cfg, self.mesh, self.mcfg)
+            self.graphdef = self.lora.graphdef
+            own, _ = split_adapters(self.lora.abstract)
+            tx, self.schedule = make_optimizer(cfg.optimizer, num_steps=cfg.train.num_steps,
+                                               params=own)
+            self.lora.declare_base(self.roles)
+            self.lora.learner(self.roles, "policy", tx, schedule=self.schedule, seed=cfg.seed)
+            if self.opts.beta > 0:
+                self.roles.view("reference", of="base")
+            return self._finish_roles(ckpt, resume_step)
 
         def start_model() -> Any:
             return split_model(build_model(cfg.model, mesh=self.mesh, seed=cfg.seed))
@@ -366,7 +391,6 @@ class GRPO:
                 nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0))))
         tx, self.schedule = make_optimizer(cfg.optimizer, num_steps=cfg.train.num_steps,
                                            params=params)
-        self.roles = Roles(self.mesh)
         self.roles.learner("policy", self.graphdef, params, tx, schedule=self.schedule,
                            seed=cfg.seed)
         if self.opts.beta > 0:
@@ -374,9 +398,15 @@ class GRPO:
             # model.path (or re-initialised from the seed), bit-identical to the first time.
             self.roles.snapshot("reference", of="policy", saved=False,
                                 rebuild=lambda: start_model()[1])
+        return self._finish_roles(ckpt, resume_step)
+
+    def _finish_roles(self, ckpt: Checkpointer, resume_step: int | None) -> dict[str, Any]:
+        """Build (or restore) the roles; the policy's train step, the sampler, the log-prob
+        passes."""
+        cfg = self.config
         meta = self.roles.build(ckpt, resume_step)
         policy = self.roles["policy"]
-        trainable = (trainable_mask(policy.params, cfg.optimizer.freeze)
+        trainable = (trainable_mask(policy.own_params, cfg.optimizer.freeze)
                      if cfg.optimizer.freeze else None)
         policy.add_step("grpo", make_grpo_loss(self.graphdef, self.opts),
                         grad_accum_steps=cfg.train.grad_accum_steps,
@@ -392,6 +422,12 @@ class GRPO:
         self.logprobs = LogprobPass(self.graphdef, self.opts, self.mesh,
                                     rows_per_call=self.rows_per_step // cfg.train.grad_accum_steps,
                                     compute_dtype=cfg.train.compute_dtype or None)
+        self.ref_logprobs = self.logprobs
+        if "reference" in self.roles and self.roles["reference"].graphdef != self.graphdef:
+            self.ref_logprobs = LogprobPass(  # LoRA: the base's own graph (adapters off)
+                self.roles["reference"].graphdef, self.opts, self.mesh,
+                rows_per_call=self.rows_per_step // cfg.train.grad_accum_steps,
+                compute_dtype=cfg.train.compute_dtype or None)
         return meta
 
     # ---------------------------------------------------------------- 1. sample
@@ -460,7 +496,7 @@ class GRPO:
             rows["old_logprobs"] = (sampler_lp if cfg.grpo.old_logprobs == "sampler"
                                     else self.logprobs(self.roles["policy"].params, rows))
         if "reference" in self.roles:
-            rows["ref_logprobs"] = self.logprobs(self.roles["reference"].params, rows)
+            rows["ref_logprobs"] = self.ref_logprobs(self.roles["reference"].params, rows)
         return rows
 
     # ---------------------------------------------------------------- 4. update
@@ -558,8 +594,12 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         from sgalm_jax.models import save_pretrained
 
         export_dir = os.path.join(workdir, "export")
-        save_pretrained(algo.roles["policy"].model(), export_dir, tokenizer=algo.tokenizer,
+        policy = algo.roles["policy"].model()
+        save_pretrained(policy, export_dir, tokenizer=algo.tokenizer,  # LoRA: merged weights
                         dtype=config.checkpoint.export_dtype or None)
         log.info("exported the policy in HF format to %s", export_dir)
         out["export"] = export_dir
+        if algo.lora is not None:
+            out["export_adapter"] = algo.lora.export_adapter(
+                policy, os.path.join(workdir, "export_adapter"))
     return out

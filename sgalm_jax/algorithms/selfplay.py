@@ -268,6 +268,11 @@ def validate(config: Any) -> None:
     from sgalm_jax.losses.selfplay import ALPHA_SCHEDULES
 
     sft.validate(config)
+    if config.lora.enabled:
+        from sgalm_jax.training.lora_setup import validate as validate_lora
+        from sgalm_jax.training.model_setup import model_config
+
+        validate_lora(config, model_config(config.model))
     sp = config.selfplay
     resolve_loss(config)
     if config.data.packing:
@@ -333,6 +338,7 @@ class _Run:
                                              config.checkpoint)
         self.finite = FiniteGuard.from_config(config, self.ckpt)
         self.roles: Roles | None = None
+        self.lora = None  # a LoraSetup with lora.enabled
         self._evaluator = None
         self.scorer = None
         self.sampler = None
@@ -371,6 +377,18 @@ class _Run:
         from sgalm_jax.training.model_setup import build_model
 
         config = self.config
+        self.roles = Roles(self.mesh)
+        if config.lora.enabled:  # the policy is adapters on a frozen base (its view reads both)
+            from sgalm_jax.models.lora import split_adapters
+            from sgalm_jax.training.lora_setup import LoraSetup
+
+            self.lora = LoraSetup(config, self.mesh, self.mcfg)
+            self.graphdef = self.lora.graphdef
+            tx, schedule = self.optimizer(0, split_adapters(self.lora.abstract)[0])
+            self.lora.declare_base(self.roles)
+            self.lora.learner(self.roles, "policy", tx, schedule=schedule, seed=config.seed)
+            self.roles.view("reference", of="policy")
+            return self.roles.build(self.ckpt, latest)
         if latest is None:
             model = build_model(config.model, mesh=self.mesh, seed=config.seed)
             self.graphdef, params = split_model(model)
@@ -379,7 +397,6 @@ class _Run:
             self.graphdef, params = self.abstract_params()
         # The optimizer's state has the same structure in every iteration (only the LR differs).
         tx, schedule = self.optimizer(0, params)
-        self.roles = Roles(self.mesh)
         self.roles.learner("policy", self.graphdef, params, tx, schedule=schedule, seed=config.seed)
         self.roles.view("reference", of="policy")
         return self.roles.build(self.ckpt, latest)
@@ -394,7 +411,8 @@ class _Run:
             extra_shardings=(sh.replicated(self.mesh),),
             grad_accum_steps=cfg.train.grad_accum_steps,
             compute_dtype=cfg.train.compute_dtype or None,
-            trainable=trainable_mask(policy.params, cfg.optimizer.freeze) if cfg.optimizer.freeze
+            trainable=trainable_mask(policy.own_params, cfg.optimizer.freeze)
+            if cfg.optimizer.freeze
             else None, skip_nonfinite=self.finite.skip)
         return name
 
@@ -572,7 +590,10 @@ class _Run:
 
         if os.path.exists(os.path.join(path, "config.json")):
             return
-        save_pretrained(merge_model(self.graphdef, params), path, tokenizer=self.tokenizer,
+        model = merge_model(self.graphdef, params)
+        if self.lora is not None:  # the adapters first: the merged export marks completion
+            self.lora.export_adapter(model, path + "_adapter")
+        save_pretrained(model, path, tokenizer=self.tokenizer,  # LoRA: merged weights
                         dtype=self.config.checkpoint.export_dtype or None)
         log.info("exported the model in HF format to %s", path)
 
@@ -616,7 +637,7 @@ class _Run:
                                                    and not isinstance(v, bool)})
                 log.info("iteration %d: gap %.4f, alpha %.4f, synthetic length %.1f", t,
                          data.meta["gap"], data.meta["alpha"], data.meta["syn_length_mean"])
-                tx, schedule = self.optimizer(t, policy.params)
+                tx, schedule = self.optimizer(t, policy.own_params)
                 if ready == t:  # built for, or restored in the middle of, this iteration
                     policy.set_optimizer(tx, schedule)
                 else:  # θ_{t+1} trains from θ_t with a fresh optimizer state
