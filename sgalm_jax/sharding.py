@@ -36,6 +36,9 @@ LOGICAL_RULES: dict[str, Any] = {
     "mlp": "tensor",
     "norm": None,
     "head_dim": None,
+    # LoRA adapters' rank: over fsdp when the adapter's other axis is not (each mesh axis is used
+    # once per array), so A [in, r] and B [r, out] are sharded like the weights, not replicated.
+    "lora_rank": "fsdp",
 }
 
 

@@ -51,6 +51,8 @@ TARGETS_ATTENTION = r"(q_proj|k_proj|v_proj|o_proj)$"
 # Heads are read through their kernel (tied embedding, chunked log-probs, the scorer's last-token
 # read), never through Linear.__call__: an adapter there would be silently ignored.
 HEAD_NAMES = ("lm_head", "score")
+# Logical name of the adapters' rank axis (see sgalm_jax.sharding.LOGICAL_RULES).
+RANK_AXIS = "lora_rank"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,8 +128,11 @@ class LoraAdapter(nnx.Module):
                  axes: tuple[Any, ...] | None):
         lead = () if axes is None else tuple(axes[:-2])
         in_axis, out_axis = (None, None) if axes is None else axes[-2:]
-        self.a = nnx.LoRAParam(a, logical_axes=(*lead, in_axis, None))
-        self.b = nnx.LoRAParam(b, logical_axes=(*lead, None, out_axis))
+        # The rank axis has its own logical name: sharded over 'fsdp' where the other axis is not
+        # (sgalm_jax.sharding.LOGICAL_RULES), so adapters, their gradients and optimizer state
+        # are split like the weights (ZeRO-3) rather than replicated.
+        self.a = nnx.LoRAParam(a, logical_axes=(*lead, in_axis, RANK_AXIS))
+        self.b = nnx.LoRAParam(b, logical_axes=(*lead, RANK_AXIS, out_axis))
         self.scale, self.dropout, self.uid = float(scale), float(dropout), int(uid)
 
     @property

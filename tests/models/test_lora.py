@@ -149,7 +149,7 @@ def test_stacked_layer_adapters_under_scan_equal_unrolled_layers():
     L.add_adapters(_Holder(stacked), L.LoraSpec(rank=4, targets="^layers$"))
     lora = stacked.lora
     assert lora.a.get_value().shape == (n, 64, 4) and lora.b.get_value().shape == (n, 4, 128)
-    assert lora.a.get_metadata()["logical_axes"] == ("layers", "embed", None)
+    assert lora.a.get_metadata()["logical_axes"] == ("layers", "embed", "lora_rank")
     rng = np.random.RandomState(0)
     lora.b.set_value(jnp.asarray(rng.randn(n, 4, 128), jnp.float32))
     graphdef, params = nnx.split(stacked)
