@@ -216,3 +216,54 @@ def test_base_declaration_errors(host_params, tiny_config):
     graph, abstract = _adapted(CausalLM, tiny_config)
     with pytest.raises(ValueError, match="must be a frozen role"):
         roles.learner("y", graph, abstract, optax.sgd(1.0), base="x")
+
+
+def test_lora_setup_declares_base_adapters_and_a_scorer_with_its_head(tmp_path, hf_model_dir):
+    """What the algorithms (and GAD's loop) call: LoraSetup from a config gives a bf16 base read
+    from model.path, adapter learners, a ScoreModel learner (adapters + a head from the seed), and
+    the PEFT adapter of lora.adapter_path as a starting point."""
+    from sgalm_jax.algorithms import base_config
+    from sgalm_jax.models import load_pretrained
+    from sgalm_jax.models.peft import save_peft_adapter
+    from sgalm_jax.models.score import init_head_kernel
+    from sgalm_jax.training.lora_setup import LoraSetup
+    from sgalm_jax.training.model_setup import model_config
+
+    path = hf_model_dir("qwen2")
+    start = load_pretrained(path)
+    L.add_adapters(start, L.LoraSpec(rank=2, alpha=4.0, targets="v_proj$"), seed=3)
+    start.model.layers[1].self_attn.v_proj.lora.b.set_value(jnp.full((2, 32), 0.1))
+    save_peft_adapter(start, tmp_path / "adapter")
+
+    config = base_config()
+    config.model.path = str(path)
+    config.lora.enabled = True
+    config.lora.base_dtype = "bfloat16"
+    mesh = sh.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, jax.devices()[:2])
+    lora = LoraSetup(config, mesh, model_config(config.model))
+    roles = Roles(mesh)
+    lora.declare_base(roles)
+    lora.learner(roles, "policy", optax.sgd(1.0), seed=0)
+    lora.scorer(roles, "discriminator", optax.sgd(1.0), seed=5)
+    roles.build()
+    base = dict(nnx.to_flat_state(roles["base"].params))
+    assert all(v.get_value().dtype == jnp.bfloat16 for v in base.values())
+    assert len(_leaf_paths(roles["policy"].own_params)) == 2 * 7 * 2  # rank 8 on 7 projections
+    d_own = _np(roles["discriminator"].own_params)
+    np.testing.assert_array_equal(d_own["score/kernel"],
+                                  np.asarray(init_head_kernel(lora.model_config, 5)))
+    assert d_own["model/layers/0/self_attn/q_proj/lora/b"].shape == (8, 64)
+
+    config.lora.adapter_path = str(tmp_path / "adapter")  # start from a PEFT adapter
+    lora = LoraSetup(config, None, model_config(config.model))
+    assert lora.spec.rank == 2 and lora.spec.scale == 2.0
+    roles = Roles(None)
+    lora.declare_base(roles)
+    lora.learner(roles, "policy", optax.sgd(1.0), seed=0)
+    roles.build()
+    own = _np(roles["policy"].own_params)
+    assert sorted(own) == [f"model/layers/{i}/self_attn/v_proj/lora/{p}" for i in (0, 1)
+                           for p in ("a", "b")]
+    np.testing.assert_allclose(own["model/layers/1/self_attn/v_proj/lora/b"], 0.1)
+    np.testing.assert_allclose(own["model/layers/0/self_attn/v_proj/lora/a"],
+                               np.asarray(start.model.layers[0].self_attn.v_proj.lora.a[...]))
