@@ -235,8 +235,7 @@ def test_score_model_adapter_and_head_round_trip_through_peft(hf_model_dir, tmp_
     L.add_adapters(scorer, L.LoraSpec(rank=2, targets="(q|v)_proj$"), seed=0)
     randomize_adapters(scorer, 1)
     scorer.score.kernel.set_value(scorer.score.kernel.get_value() * 25.0)
-    ids = jnp.asarray(IDS)
-    ours = np.asarray(scorer(ids))
+    ours = logits(scorer)  # the scores [B] (the jitted forward of any model)
     save_peft_adapter(scorer, tmp_path / "d")
     cfg = json.loads((tmp_path / "d" / "adapter_config.json").read_text())
     assert cfg["task_type"] == "SEQ_CLS" and cfg["modules_to_save"] == ["score"]
@@ -253,7 +252,7 @@ def test_score_model_adapter_and_head_round_trip_through_peft(hf_model_dir, tmp_
         assert rel_err(merged(torch.tensor(IDS)).logits[:, 0].numpy(), ref) <= REL_TOL
     fresh = load_score_model(path, seed=5)  # another head: the file's replaces it
     load_peft_adapter(fresh, tmp_path / "d")
-    np.testing.assert_allclose(np.asarray(fresh(ids)), ours, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(logits(fresh), ours, rtol=1e-6, atol=1e-6)
 
 
 def test_bad_peft_folders_name_the_problem(hf_model_dir, tmp_path):
