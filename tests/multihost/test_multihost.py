@@ -1,0 +1,325 @@
+"""Multi-host: every algorithm run as 2 processes x 4 CPU devices matches 1 process x 8 devices.
+
+Each case runs its tiny config(s) twice on the same global mesh:
+
+- **1 x 8**: in this pytest process (8 simulated CPU devices, see tests/conftest.py);
+- **2 x 4**: ``sgalm_jax.tools.launch_local`` starts two processes of 4 simulated devices each, one
+  JAX job over 127.0.0.1 (coordinator bound to loopback, gloo collectives). Cases with a
+  ``preempt`` step send SIGTERM to process 1 only after that step (``$SGALM_FAULT_INJECT``): both
+  processes must agree to save the next step and exit 0, and the same launch then resumes.
+
+Then the two workdirs are compared: every numeric metric of ``metrics.jsonl`` (losses, gradient
+norms, diagnostics, evaluation scores; timings excluded) to float noise, generated samples exactly,
+the latest checkpoint's arrays and the exported HF weights to float noise, evaluation results.
+
+Adding an algorithm (GRPO, GAD, ...) is one more :class:`Case` in ``CASES``: its config file, small
+overrides, the step to preempt at, and the files to compare. These runs are the expensive part of
+the suite (CI runs them too: ``slow`` only marks them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sgalm_jax.tools.launch_local import launch
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = REPO / "configs"
+SHARED_DATA = REPO.parent / "shared" / "data"
+QUIET = ("--config.metrics.tensorboard=false", "--config.metrics.progress_bar=false")
+# Metrics that measure the machine, not the run.
+TIMING_WORDS = ("time", "seconds", "per_sec", "mfu")
+# Weights after a few optimizer steps: RMSProp / Adam divide by gradient magnitudes, so reduction-
+# order noise (~1e-7) in a near-zero gradient can move a weight by up to ~1e-5.
+PARAM_RTOL, PARAM_ATOL = 1e-3, 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One multi-host comparison.
+
+    runs: ``(subdirectory, config file, overrides)`` run one after another in one launch.
+    preempt: SIGTERM to process 1 after this step of the (single) run, then a second launch resumes.
+    samples: globs (under each run's workdir) of JSONL / NPZ files compared between the two sides.
+    exports: export directories (under each run's workdir) compared tensor by tensor.
+    """
+
+    name: str
+    runs: tuple[tuple[str, str, tuple[str, ...]], ...]
+    preempt: int | None = None
+    samples: tuple[str, ...] = ()
+    exports: tuple[str, ...] = ("export",)
+    checkpoints: bool = True
+
+
+SGALM_SMALL = ("--config.train.batch_size=16", "--config.mesh.data=2", "--config.mesh.fsdp=4",
+               "--config.sgalm.max_new_tokens=16", "--config.data.max_examples=48",
+               # The raw reward as the advantage: a random model's rewards differ by ~1e-4, so
+               # centring or standardising them would blow float noise up to visible differences.
+               "--config.sgalm.advantage=raw")
+
+CASES = [
+    Case("sft", runs=(("run", "sft_tiny.py", (
+        "--config.train.num_steps=6", "--config.data.max_examples=32",
+        "--config.checkpoint.every_steps=2", "--config.optimizer.warmup_steps=2")),),
+        preempt=3),
+    Case("sgalm_two_models", runs=(("run", "sgalm_tiny.py", SGALM_SMALL + (
+        "--config.sgalm.variant=two_models", "--config.sgalm.final_samples=8")),),
+        preempt=2, samples=("samples/*.jsonl",), exports=("export", "export_discriminator")),
+    Case("sgalm_variants", runs=tuple(
+        (variant, "sgalm_tiny.py", SGALM_SMALL + (
+            f"--config.sgalm.variant={variant}", "--config.sgalm.iterations=1",
+            "--config.sgalm.final_samples=0"))
+        for variant in ("full", "d_only", "g_only")), samples=("samples/*.jsonl",)),
+    Case("selfplay_eval", runs=(("run", "selfplay_tiny.py", (
+        "--config.selfplay.loss=iris", "--config.selfplay.alpha_schedule=adaptive",
+        "--config.data.max_examples=16", "--config.selfplay.steps_per_iteration=3",
+        "--config.selfplay.max_new_tokens=16", "--config.selfplay.eval_every=2",
+        "--config.mesh.data=2", "--config.mesh.fsdp=4",
+        "--config.eval.tasks=gsm8k,arc,mbpp", f"--config.eval.data_dir={SHARED_DATA}",
+        "--config.eval.max_examples=2", "--config.eval.max_new_tokens=8")),),
+        preempt=4, samples=("samples/*.jsonl", "selfplay/iter_*/data.npz", "eval/*/*.json*")),
+    Case("data_engine", runs=(("run", "sgalm_data_engine.py", (
+        "--config.model.init=tiny-qwen2", "--config.tokenizer.path=builtin:tiny",
+        "--config.model.dtype=float32", "--config.checkpoint.export_dtype=",
+        "--config.data.task=arithmetic", "--config.data.max_examples=16",
+        "--config.data.max_length=256", "--config.data.min_bucket=64",
+        "--config.sgalm.num_shots=1", "--config.sgalm.max_new_tokens=16",
+        "--config.sgalm.sample_batch_size=16", "--config.data_engine.methods=sgalm",
+        "--config.data_engine.scales=1", "--config.data_engine.baseline_real_only=false",
+        "--config.data_engine.student_init=tiny-qwen2", "--config.data_engine.epochs=1.0",
+        "--config.train.batch_size=8", "--config.optimizer.warmup_steps=0",
+        "--config.eval.tasks=arithmetic", "--config.eval.max_examples=4",
+        "--config.eval.max_new_tokens=8", "--config.eval.batch_size=8")),),
+        samples=("synthetic/*.jsonl", "students/*/eval/*.json*"),
+        exports=("students/sgalm_k1/export",), checkpoints=False),
+]
+
+
+# ------------------------------------------------------------------------------------ running
+def _args(case: Case, root: Path) -> list[list[str]]:
+    return [[f"--config={CONFIGS / cfg}", *QUIET, *overrides, f"--config.workdir={root / sub}"]
+            for sub, cfg, overrides in case.runs]
+
+
+def _run_single(case: Case, root: Path) -> float:
+    from sgalm_jax.main import main
+
+    start = time.perf_counter()
+    for args in _args(case, root):
+        assert main(["sgalm_jax.main", *args]) == 0, args
+    return time.perf_counter() - start
+
+
+def _launch(case: Case, root: Path, log_dir: Path, env_1: dict[str, str] | None = None) -> list[int]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("SGALM_FAULT_INJECT", None)
+    return launch([json.dumps(_args(case, root))], num_processes=2, cpu_devices=4,
+                  log_dir=str(log_dir), env=env, env_per_process={1: env_1} if env_1 else None,
+                  module="tests.multihost._driver", timeout=600, echo=False)
+
+
+def _tail(log_dir: Path) -> str:
+    out = []
+    for f in sorted(log_dir.glob("process_*.log")):
+        lines = [x for x in f.read_text().splitlines() if "[Gloo]" not in x]
+        out.append(f"--- {f.name}\n" + "\n".join(lines[-30:]))
+    return "\n".join(out)
+
+
+def _run_multi(case: Case, root: Path) -> tuple[float, dict[str, Any]]:
+    start = time.perf_counter()
+    info: dict[str, Any] = {}
+    if case.preempt is not None:
+        logs = root.parent / "logs_preempt"
+        codes = _launch(case, root, logs, {"SGALM_FAULT_INJECT": f"sigterm@{case.preempt}"})
+        assert codes == [0, 0], _tail(logs)  # both processes saved and exited cleanly
+        sub = case.runs[0][0]
+        from sgalm_jax.training.checkpoint import Checkpointer
+
+        info["preempted_at"] = Checkpointer(str(root / sub / "checkpoints")).latest_step()
+        info["export_after_preempt"] = (root / sub / "export").exists()
+    logs = root.parent / "logs"
+    codes = _launch(case, root, logs)
+    assert codes == [0, 0], _tail(logs)
+    return time.perf_counter() - start, info
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``runs(case) -> (single root, multi root, info)``, each case run once per module."""
+    done: dict[str, Any] = {}
+
+    def get(case: Case):
+        if case.name not in done:
+            base = tmp_path_factory.mktemp(case.name)
+            single, multi = base / "single" / "w", base / "multi" / "w"
+            t1 = _run_single(case, single)
+            t2, info = _run_multi(case, multi)
+            info.update(single_seconds=round(t1, 1), multi_seconds=round(t2, 1))
+            done[case.name] = (single, multi, info)
+        return done[case.name]
+
+    return get
+
+
+# ------------------------------------------------------------------------------------ comparing
+def _records(path: Path) -> dict[int, dict[str, Any]]:
+    """metrics.jsonl as step -> merged record (a resumed run appends to the preempted one's)."""
+    out: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        rec = json.loads(line)
+        step = rec.pop("step")
+        out.setdefault(step, {}).update(rec)
+    return out
+
+
+def _is_timing(key: str) -> bool:
+    return any(w in key for w in TIMING_WORDS)
+
+
+def _close(a: Any, b: Any, rtol: float = 1e-4, atol: float = 1e-5) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        if math.isnan(a) and math.isnan(b):
+            return True
+        return abs(a - b) <= atol + rtol * abs(b)
+    return a == b
+
+
+def compare_metrics(single: Path, multi: Path) -> float:
+    """Assert that every step's metrics match; returns the largest |difference| of a loss."""
+    a, b = _records(single / "metrics.jsonl"), _records(multi / "metrics.jsonl")
+    assert sorted(a) == sorted(b), "the two runs logged different steps"
+    worst = 0.0
+    for step in a:
+        keys = {k for k in a[step] if not _is_timing(k)}
+        assert keys == {k for k in b[step] if not _is_timing(k)}, f"step {step}: other metrics"
+        for k in keys:
+            x, y = a[step][k], b[step][k]
+            assert _close(x, y), f"step {step} {k}: 1x8 {x} vs 2x4 {y}"
+            if "loss" in k and isinstance(x, float) and math.isfinite(x):
+                worst = max(worst, abs(x - y))
+    return worst
+
+
+def _compare_json(x: Any, y: Any, where: str) -> None:
+    if isinstance(x, dict):
+        assert isinstance(y, dict) and set(x) == set(y), f"{where}: other keys"
+        for k in x:
+            _compare_json(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, list):
+        assert isinstance(y, list) and len(x) == len(y), f"{where}: other lengths"
+        for i, (u, v) in enumerate(zip(x, y)):
+            _compare_json(u, v, f"{where}[{i}]")
+    elif isinstance(x, float) or isinstance(y, float):
+        assert _close(float(x), float(y)), f"{where}: {x} vs {y}"
+    else:
+        assert x == y, f"{where}: {x!r} vs {y!r}"
+
+
+def compare_files(single: Path, multi: Path, pattern: str) -> int:
+    """Assert that the files matching ``pattern`` exist on both sides and hold the same data;
+    returns how many were compared."""
+    names = sorted(os.path.relpath(p, single) for p in glob.glob(str(single / pattern)))
+    other = sorted(os.path.relpath(p, multi) for p in glob.glob(str(multi / pattern)))
+    assert names and names == other, f"{pattern}: {names} vs {other}"
+    for name in names:
+        x, y = single / name, multi / name
+        if name.endswith(".npz"):
+            with np.load(x) as u, np.load(y) as v:
+                assert set(u.files) == set(v.files)
+                for k in u.files:
+                    if k == "meta":  # JSON: statistics and timings
+                        mu, mv = (json.loads(str(z[k])) for z in (u, v))
+                        _compare_json({q: w for q, w in mu.items() if not _is_timing(q)},
+                                      {q: w for q, w in mv.items() if not _is_timing(q)},
+                                      f"{name}:meta")
+                    elif u[k].dtype.kind == "f":
+                        np.testing.assert_allclose(u[k], v[k], rtol=1e-4, atol=1e-4, err_msg=name)
+                    else:
+                        np.testing.assert_array_equal(u[k], v[k], err_msg=f"{name}:{k}")
+        elif name.endswith(".jsonl"):
+            lx, ly = x.read_text().splitlines(), y.read_text().splitlines()
+            assert len(lx) == len(ly), name
+            for i, (u, v) in enumerate(zip(lx, ly)):
+                _compare_json(json.loads(u), json.loads(v), f"{name}:{i + 1}")
+        else:
+            _compare_json(json.loads(x.read_text()), json.loads(y.read_text()), name)
+    return len(names)
+
+
+def compare_export(single: Path, multi: Path) -> float:
+    """Assert the exported HF checkpoints hold the same tensors; returns the max |difference|."""
+    from safetensors.numpy import load_file
+
+    def tensors(d: Path) -> dict[str, np.ndarray]:
+        out = {}
+        for f in sorted(d.glob("*.safetensors")):
+            out.update(load_file(str(f)))
+        return out
+
+    a, b = tensors(single), tensors(multi)
+    assert a and set(a) == set(b)
+    assert json.loads((single / "config.json").read_text()) == json.loads(
+        (multi / "config.json").read_text())
+    worst = 0.0
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=k)
+        worst = max(worst, float(np.max(np.abs(a[k].astype(np.float64) - b[k]))))
+    return worst
+
+
+def latest_checkpoint(ckpt_dir: Path) -> tuple[int, dict[str, np.ndarray]]:
+    """(step, flattened arrays) of the latest checkpoint, read on the host."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    step = max(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit())
+    path = ckpt_dir / str(step) / "state"
+    meta = ocp.PyTreeCheckpointer().metadata(path)
+    tree = meta.item_metadata.tree
+    args = jax.tree.map(lambda m: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = ocp.PyTreeCheckpointer().restore(path, restore_args=args)
+    flat = {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    return step, flat
+
+
+# ------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_two_processes_match_one(case: Case, runs):
+    single_root, multi_root, info = runs(case)
+    report: dict[str, Any] = {"case": case.name, **info}
+    if case.preempt is not None:
+        # SIGTERM reached process 1 after step `preempt`; both agreed to save the next step.
+        assert info["preempted_at"] == case.preempt + 1
+        assert not info["export_after_preempt"]
+    for sub, _, _ in case.runs:
+        single, multi = single_root / sub, multi_root / sub
+        report[f"{sub}/max_loss_diff"] = compare_metrics(single, multi)
+        for pattern in case.samples:
+            report[f"{sub}/{pattern}"] = compare_files(single, multi, pattern)
+        for export in case.exports:
+            report[f"{sub}/{export}_max_diff"] = compare_export(single / export, multi / export)
+        if case.checkpoints:
+            (s1, a), (s2, b) = (latest_checkpoint(d / "checkpoints") for d in (single, multi))
+            assert s1 == s2 and set(a) == set(b)
+            for k in a:
+                np.testing.assert_allclose(a[k], b[k], rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=k)
+        # Process 0 alone wrote the run's files: no leftovers of concurrent writers.
+        assert not list(multi.rglob("*.tmp*")), list(multi.rglob("*.tmp*"))
+    print(json.dumps(report), file=sys.stderr)
