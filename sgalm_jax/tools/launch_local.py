@@ -110,7 +110,7 @@ def launch(args: Sequence[str], *, num_processes: int, cpu_devices: int = 0,
     stop_at = None
     timed_out = False
     try:
-        while any(p.poll() is None for p in procs):
+        while [p.poll() for p in procs].count(None):  # poll every process, each round
             now = time.monotonic()
             failed = any(p.returncode not in (None, 0) for p in procs)
             timed_out = timed_out or (deadline is not None and now > deadline)

@@ -43,6 +43,16 @@ def agree_any(flag: bool) -> bool:
     return bool(np.max(np.asarray(flags)))
 
 
+def allgather(x: np.ndarray) -> np.ndarray:
+    """Every process's ``x`` (same shape and dtype everywhere), stacked: ``[process_count, ...]``."""
+    x = np.asarray(x)
+    if jax.process_count() == 1:
+        return x[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x))
+
+
 def broadcast_from_main(value: T) -> T:
     """Process 0's ``value`` (a bool, int or float) on every process."""
     if jax.process_count() == 1:
