@@ -69,9 +69,12 @@ class Checkpointer:
     # ------------------------------------------------------------------ save / restore
     def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> bool:
         """Start saving ``state`` and ``meta`` at ``step`` (returns at once when async)."""
+        from sgalm_jax.training.multihost import broadcast_from_main
+
         meta = dict(meta or {})
         meta.setdefault("step", int(step))
-        if step in self.manager.all_steps():
+        # Saving is a collective: every process must skip (or not) together, on process 0's view.
+        if broadcast_from_main(step in self.manager.all_steps()):
             return False
         saved = self.manager.save(
             int(step),

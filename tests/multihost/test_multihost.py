@@ -24,6 +24,7 @@ import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,7 @@ class Case:
     exports: export directories (under each run's workdir) compared tensor by tensor.
     checkpoints: compare the latest checkpoint of ``checkpoints/``.
     metrics: the metrics.jsonl files compared step by step (a glob).
+    log_patterns: regular expressions each process's log must match (in the last launch).
     discrete: metrics not compared because they are a step function of a quantity that is float
       noise in this run (e.g. a reward accuracy while the policy still equals its reference).
     """
@@ -68,6 +70,7 @@ class Case:
     checkpoints: bool = True
     metrics: str = "metrics.jsonl"
     discrete: tuple[str, ...] = ()
+    log_patterns: tuple[str, ...] = ()
 
 
 # Every run starts from one saved tiny Qwen2 checkpoint and tokenizer (the tiny configs' own
@@ -91,7 +94,9 @@ CASES = [
     Case("sft", runs=(("run", "sft_tiny.py", (
         "--config.train.num_steps=6", "--config.data.max_examples=32",
         "--config.checkpoint.every_steps=2", "--config.optimizer.warmup_steps=2")),),
-        preempt=3),
+        preempt=3,
+        # 32 records, 4 batches of 8 per epoch: each host tokenizes the 16 of its rows.
+        log_patterns=(r"32 training examples; .*this host tokenized 16 of them",)),
     Case("sgalm_two_models", runs=(("run", "sgalm_tiny.py", SGALM_SMALL + (
         "--config.sgalm.variant=two_models", "--config.sgalm.final_samples=8")),),
         preempt=2, samples=("samples/*.jsonl",), exports=("export", "export_discriminator")),
@@ -372,6 +377,9 @@ def test_two_processes_match_one(case: Case, runs):
             assert s1 == s2 and set(a) == set(b)
             for k in a:
                 np.testing.assert_allclose(a[k], b[k], rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=k)
+        for pattern in case.log_patterns:
+            for log in sorted((multi_root.parent / "logs").glob("process_*.log")):
+                assert re.search(pattern, log.read_text()), (log.name, pattern)
         # Process 0 alone wrote the run's files: no leftovers of concurrent writers.
         assert not list(multi.rglob("*.tmp*")), list(multi.rglob("*.tmp*"))
     print(json.dumps(report), file=sys.stderr)
