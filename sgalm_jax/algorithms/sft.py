@@ -188,13 +188,13 @@ def host_examples(pairs: list[tuple[str, str]], tokenizer: Any, config: Any, *, 
                        shuffle=d.shuffle, packing=d.packing, process_index=jax.process_index(),
                        process_count=jax.process_count())
     local = encode_some([int(i) for i in share])
-    table = np.zeros(n + 1, np.int64)  # lengths of this host's share, then its largest token id
+    table = np.zeros(n + 1, np.int32)  # lengths of this host's share, then its largest token id
     for i, ex in zip(share, local):
         table[i] = len(ex)
     table[n] = max((int(e.input_ids.max()) for e in local), default=0)
     everyone = mh.allgather(table)
     check_vocab(int(everyone[:, n].max()), vocab_size)
-    lengths = everyone[:, :n].sum(axis=0)  # each example was tokenized by exactly one host
+    lengths = everyone[:, :n].astype(np.int64).sum(axis=0)  # each tokenized by exactly one host
     examples = LazyExamples(n, encode_some, cache={int(i): ex for i, ex in zip(share, local)})
     return examples, lengths
 

@@ -54,21 +54,18 @@ def allgather(x: np.ndarray) -> np.ndarray:
 
 
 def broadcast_from_main(value: T) -> T:
-    """Process 0's ``value`` (a bool, int or float) on every process."""
+    """Process 0's ``value`` (a bool, or an int that fits in int32: JAX's default integer) on
+    every process."""
+    kind = type(value)
+    if kind not in (bool, int):
+        raise TypeError(f"broadcast_from_main: expected a bool or an int, got {kind.__name__}")
+    if kind is int and not -2**31 <= value < 2**31:
+        raise ValueError(f"broadcast_from_main: {value} does not fit in int32")
     if jax.process_count() == 1:
         return value
     from jax.experimental import multihost_utils
 
-    kind = type(value)
-    if kind is bool:
-        arr = np.int32(value)
-    elif kind is int:
-        arr = np.int64(value)
-    elif kind is float:
-        arr = np.float64(value)
-    else:
-        raise TypeError(f"broadcast_from_main: expected a bool, int or float, got {kind.__name__}")
-    out = np.asarray(multihost_utils.broadcast_one_to_all(arr)).item()
+    out = np.asarray(multihost_utils.broadcast_one_to_all(np.int32(value))).item()
     return kind(out)
 
 

@@ -12,9 +12,10 @@ Then the two workdirs are compared: every numeric metric of ``metrics.jsonl`` (l
 norms, diagnostics, evaluation scores; timings excluded) to float noise, generated samples exactly,
 the latest checkpoint's arrays and the exported HF weights to float noise, evaluation results.
 
-Adding an algorithm (GRPO, GAD, ...) is one more :class:`Case` in ``CASES``: its config file, small
-overrides, the step to preempt at, and the files to compare. These runs are the expensive part of
-the suite (CI runs them too: ``slow`` only marks them).
+Adding an algorithm (GRPO, GAD, ...) is one more :class:`Run` in ``CASES`` (its config file, small
+overrides, the files to compare), in a new :class:`Case` when it should be preempted (the step
+to preempt at). These runs are the expensive part of the suite (CI runs them too: ``slow`` only
+marks them).
 """
 
 from __future__ import annotations
@@ -48,23 +49,23 @@ PARAM_RTOL, PARAM_ATOL = 1e-4, 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
-class Case:
-    """One multi-host comparison.
+class Run:
+    """One algorithm run and what to compare between its 1 x 8 and 2 x 4 versions.
 
-    runs: ``(subdirectory, config file, overrides)`` run one after another in one launch.
-    preempt: SIGTERM to process 1 after this step of the (single) run, then a second launch resumes.
-    samples: globs (under each run's workdir) of JSONL / NPZ files compared between the two sides.
-    exports: export directories (under each run's workdir) compared tensor by tensor.
+    sub: its workdir (under the case's root); config: a file of configs/; overrides: ``--config.*``
+      arguments (``{model}`` = the saved tiny checkpoint).
+    samples: globs (under the workdir) of JSONL / JSON / NPZ files compared record by record.
+    exports: export directories compared tensor by tensor.
     checkpoints: compare the latest checkpoint of ``checkpoints/``.
     metrics: the metrics.jsonl files compared step by step (a glob).
-    log_patterns: regular expressions each process's log must match (in the last launch).
     discrete: metrics not compared because they are a step function of a quantity that is float
       noise in this run (e.g. a reward accuracy while the policy still equals its reference).
+    log_patterns: regular expressions each process's log must match.
     """
 
-    name: str
-    runs: tuple[tuple[str, str, tuple[str, ...]], ...]
-    preempt: int | None = None
+    sub: str
+    config: str
+    overrides: tuple[str, ...]
     samples: tuple[str, ...] = ()
     exports: tuple[str, ...] = ("export",)
     checkpoints: bool = True
@@ -73,7 +74,19 @@ class Case:
     log_patterns: tuple[str, ...] = ()
 
 
-# Every run starts from one saved tiny Qwen2 checkpoint and tokenizer (the tiny configs' own
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """Runs that share launches: one after another in the same processes (one start-up, and one
+    persistent compilation cache, for related configs). With ``preempt``, a first launch runs only
+    ``runs[0]`` and process 1 alone gets SIGTERM after that step; the second launch resumes it and
+    runs the rest."""
+
+    name: str
+    runs: tuple[Run, ...]
+    preempt: int | None = None
+
+
+# Every run but SFT's starts from one saved tiny Qwen2 checkpoint and tokenizer (the tiny configs'
 # architecture): loading it compiles nothing, where random init and the builtin tokenizer's BPE
 # training would cost each run (and each process) seconds. SFT keeps model.init, so the sharded
 # random init is covered too.
@@ -83,62 +96,70 @@ PRETRAINED = ("--config.model.init=", "--config.model.path={model}",
 # RMSProp divide by the gradient's magnitude and turn its float noise into lr-sized updates.
 SGD = ("--config.optimizer.name=sgd", "--config.optimizer.momentum=0.9",
        "--config.optimizer.learning_rate=0.01")
+# The data axis across the two processes, FSDP within each (as data=hosts on a pod); SFT keeps the
+# default FSDP over all 8 devices, across the processes.
+DATA_2 = ("--config.mesh.data=2", "--config.mesh.fsdp=4")
 
-SGALM_SMALL = PRETRAINED + SGD + ("--config.train.batch_size=16", "--config.mesh.data=2", "--config.mesh.fsdp=4",
-               "--config.sgalm.max_new_tokens=16", "--config.data.max_examples=48",
-               # The raw reward as the advantage: a random model's rewards differ by ~1e-4, so
-               # centring or standardising them would blow float noise up to visible differences.
-               "--config.sgalm.advantage=raw")
+SGALM_SMALL = PRETRAINED + SGD + DATA_2 + (
+    "--config.train.batch_size=16", "--config.sgalm.max_new_tokens=16",
+    "--config.data.max_examples=48",
+    # The raw reward as the advantage: a random model's rewards differ by ~1e-4, so centring or
+    # standardising them would blow float noise up to visible differences.
+    "--config.sgalm.advantage=raw")
 
 CASES = [
-    Case("sft", runs=(("run", "sft_tiny.py", (
-        "--config.train.num_steps=6", "--config.data.max_examples=32",
-        "--config.checkpoint.every_steps=2", "--config.optimizer.warmup_steps=2")),),
-        preempt=3,
-        # 32 records, 4 batches of 8 per epoch: each host tokenizes the 16 of its rows.
-        log_patterns=(r"32 training examples; .*this host tokenized 16 of them",)),
-    Case("sgalm_two_models", runs=(("run", "sgalm_tiny.py", SGALM_SMALL + (
-        "--config.sgalm.variant=two_models", "--config.sgalm.final_samples=8")),),
-        preempt=2, samples=("samples/*.jsonl",), exports=("export", "export_discriminator")),
-    Case("sgalm_variants", runs=tuple(
-        (variant, "sgalm_tiny.py", SGALM_SMALL + (
+    Case("sft_data_engine", preempt=3, runs=(
+        Run("sft", "sft_tiny.py", (
+            "--config.train.num_steps=6", "--config.data.max_examples=32",
+            "--config.checkpoint.every_steps=2", "--config.optimizer.warmup_steps=2"),
+            # 32 records, 4 batches of 8 per epoch: each host tokenizes the 16 of its rows.
+            log_patterns=(r"32 training examples; .*this host tokenized 16 of them",)),
+        # SGALM-prompt samples, a student's SFT and its eval (GSM8K, ARC log-likelihood, MBPP).
+        Run("data_engine", "sgalm_data_engine.py", PRETRAINED + (
+            "--config.model.dtype=float32", "--config.checkpoint.export_dtype=",
+            "--config.data.task=arithmetic", "--config.data.max_examples=16",
+            "--config.data.max_length=256", "--config.data.min_bucket=64",
+            "--config.sgalm.num_shots=1", "--config.sgalm.max_new_tokens=16",
+            "--config.sgalm.sample_batch_size=16", "--config.data_engine.methods=sgalm",
+            "--config.data_engine.scales=1", "--config.data_engine.baseline_real_only=false",
+            "--config.data_engine.student_path={model}", "--config.data_engine.epochs=1.0",
+            "--config.train.batch_size=8", "--config.optimizer.warmup_steps=0",
+            "--config.eval.tasks=gsm8k,arc,mbpp", f"--config.eval.data_dir={SHARED_DATA}",
+            "--config.eval.k_shot=0", "--config.eval.max_examples=2",
+            "--config.eval.max_new_tokens=8", "--config.eval.batch_size=8"),
+            samples=("synthetic/*.jsonl", "students/*/eval/*.json*", "results.json"),
+            exports=("students/sgalm_k1/export",), checkpoints=False,
+            metrics="students/*/metrics.jsonl"),
+    )),
+    Case("sgalm", preempt=2, runs=(
+        Run("two_models", "sgalm_tiny.py", SGALM_SMALL + (
+            "--config.sgalm.variant=two_models", "--config.sgalm.final_samples=8"),
+            samples=("samples/*.jsonl",), exports=("export", "export_discriminator")),
+    ) + tuple(
+        Run(variant, "sgalm_tiny.py", SGALM_SMALL + (
             f"--config.sgalm.variant={variant}", "--config.sgalm.iterations=1",
-            "--config.sgalm.final_samples=0"))
-        for variant in ("full", "d_only", "g_only")), samples=("samples/*.jsonl",)),
-    Case("selfplay_eval", runs=(("run", "selfplay_tiny.py", PRETRAINED + SGD + (
-        "--config.selfplay.loss=iris", "--config.selfplay.alpha_schedule=adaptive",
-        "--config.data.max_examples=16", "--config.selfplay.steps_per_iteration=3",
-        "--config.selfplay.max_new_tokens=16", "--config.selfplay.eval_every=2",
-        "--config.mesh.data=2", "--config.mesh.fsdp=4",
-        "--config.eval.tasks=arithmetic", "--config.eval.max_examples=4",
-        "--config.eval.max_new_tokens=8")),),
-        preempt=4, samples=("samples/*.jsonl", "selfplay/iter_*/data.npz", "eval/*/*.json*"),
-        # share of pairs with real reward > synthetic reward: at an iteration's first step the
-        # policy is its reference, so every reward is 0 up to float noise.
-        discrete=("accuracy",)),
-    Case("data_engine", runs=(("run", "sgalm_data_engine.py", PRETRAINED + (
-        "--config.model.dtype=float32", "--config.checkpoint.export_dtype=",
-        "--config.data.task=arithmetic", "--config.data.max_examples=16",
-        "--config.data.max_length=256", "--config.data.min_bucket=64",
-        "--config.sgalm.num_shots=1", "--config.sgalm.max_new_tokens=16",
-        "--config.sgalm.sample_batch_size=16", "--config.data_engine.methods=sgalm",
-        "--config.data_engine.scales=1", "--config.data_engine.baseline_real_only=false",
-        "--config.data_engine.student_path={model}", "--config.data_engine.epochs=1.0",
-        "--config.train.batch_size=8", "--config.optimizer.warmup_steps=0",
-        "--config.eval.tasks=gsm8k,arc,mbpp", f"--config.eval.data_dir={SHARED_DATA}",
-        "--config.eval.k_shot=0", "--config.eval.max_examples=2",
-        "--config.eval.max_new_tokens=8", "--config.eval.batch_size=8")),),
-        samples=("synthetic/*.jsonl", "students/*/eval/*.json*", "results.json"),
-        exports=("students/sgalm_k1/export",), checkpoints=False,
-        metrics="students/*/metrics.jsonl"),
+            "--config.sgalm.final_samples=0"), samples=("samples/*.jsonl",))
+        for variant in ("full", "d_only", "g_only"))),
+    Case("selfplay", preempt=4, runs=(
+        Run("iris", "selfplay_tiny.py", PRETRAINED + SGD + DATA_2 + (
+            "--config.selfplay.loss=iris", "--config.selfplay.alpha_schedule=adaptive",
+            "--config.data.max_examples=16", "--config.selfplay.steps_per_iteration=3",
+            "--config.selfplay.max_new_tokens=16", "--config.selfplay.eval_every=2",
+            "--config.eval.tasks=arithmetic", "--config.eval.max_examples=4",
+            "--config.eval.max_new_tokens=8"),
+            samples=("samples/*.jsonl", "selfplay/iter_*/data.npz", "eval/*/*.json*"),
+            # share of pairs with real reward > synthetic reward: at an iteration's first step
+            # the policy is its reference, so every reward is 0 up to float noise.
+            discrete=("accuracy",)),
+    )),
 ]
 
 
 # ------------------------------------------------------------------------------------ running
-def _args(case: Case, root: Path, model: Path) -> list[list[str]]:
-    return [[f"--config={CONFIGS / cfg}", *QUIET,
-             *(o.replace("{model}", str(model)) for o in overrides),
-             f"--config.workdir={root / sub}"] for sub, cfg, overrides in case.runs]
+def _args(runs: tuple[Run, ...], root: Path, model: Path) -> list[list[str]]:
+    return [[f"--config={CONFIGS / r.config}", *QUIET,
+             *(o.replace("{model}", str(model)) for o in r.overrides),
+             f"--config.workdir={root / r.sub}"] for r in runs]
 
 
 def _save_tiny_model(path: Path) -> Path:
@@ -159,12 +180,12 @@ def _run_single(case: Case, root: Path, model: Path) -> float:
     from sgalm_jax.main import main
 
     start = time.perf_counter()
-    for args in _args(case, root, model):
+    for args in _args(case.runs, root, model):
         assert main(["sgalm_jax.main", *args]) == 0, args
     return time.perf_counter() - start
 
 
-def _launch(case: Case, root: Path, log_dir: Path, cache: Path, model: Path,
+def _launch(runs: tuple[Run, ...], root: Path, log_dir: Path, cache: Path, model: Path,
             env_1: dict[str, str] | None = None) -> list[int]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
@@ -173,7 +194,7 @@ def _launch(case: Case, root: Path, log_dir: Path, cache: Path, model: Path,
     # loads the programs the previous launch compiled instead of compiling them again.
     env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return launch([json.dumps(_args(case, root, model))], num_processes=2, cpu_devices=4,
+    return launch([json.dumps(_args(runs, root, model))], num_processes=2, cpu_devices=4,
                   log_dir=str(log_dir), env=env, env_per_process={1: env_1} if env_1 else None,
                   module="tests.multihost._driver", timeout=600, echo=False)
 
@@ -191,16 +212,16 @@ def _run_multi(case: Case, root: Path, cache: Path, model: Path) -> tuple[float,
     info: dict[str, Any] = {}
     if case.preempt is not None:
         logs = root.parent / "logs_preempt"
-        codes = _launch(case, root, logs, cache, model,
+        codes = _launch(case.runs[:1], root, logs, cache, model,
                         {"SGALM_FAULT_INJECT": f"sigterm@{case.preempt}"})
         assert codes == [0, 0], _tail(logs)  # both processes saved and exited cleanly
-        sub = case.runs[0][0]
         from sgalm_jax.training.checkpoint import Checkpointer
 
-        info["preempted_at"] = Checkpointer(str(root / sub / "checkpoints")).latest_step()
-        info["export_after_preempt"] = (root / sub / "export").exists()
+        first = root / case.runs[0].sub
+        info["preempted_at"] = Checkpointer(str(first / "checkpoints")).latest_step()
+        info["export_after_preempt"] = (first / "export").exists()
     logs = root.parent / "logs"
-    codes = _launch(case, root, logs, cache, model)
+    codes = _launch(case.runs, root, logs, cache, model)
     assert codes == [0, 0], _tail(logs)
     return time.perf_counter() - start, info
 
@@ -361,23 +382,24 @@ def test_two_processes_match_one(case: Case, runs):
         # SIGTERM reached process 1 after step `preempt`; both agreed to save the next step.
         assert info["preempted_at"] == case.preempt + 1
         assert not info["export_after_preempt"]
-    for sub, _, _ in case.runs:
-        single, multi = single_root / sub, multi_root / sub
+    for run in case.runs:
+        single, multi = single_root / run.sub, multi_root / run.sub
         metric_files = sorted(os.path.relpath(p, single)
-                              for p in glob.glob(str(single / case.metrics)))
-        assert metric_files, case.metrics
-        report[f"{sub}/max_loss_diff"] = max(
-            compare_metrics(single / f, multi / f, case.discrete) for f in metric_files)
-        for pattern in case.samples:
-            report[f"{sub}/{pattern}"] = compare_files(single, multi, pattern)
-        for export in case.exports:
-            report[f"{sub}/{export}_max_diff"] = compare_export(single / export, multi / export)
-        if case.checkpoints:
+                              for p in glob.glob(str(single / run.metrics)))
+        assert metric_files, run.metrics
+        report[f"{run.sub}/max_loss_diff"] = max(
+            compare_metrics(single / f, multi / f, run.discrete) for f in metric_files)
+        for pattern in run.samples:
+            report[f"{run.sub}/{pattern}"] = compare_files(single, multi, pattern)
+        for export in run.exports:
+            report[f"{run.sub}/{export}_max_diff"] = compare_export(single / export,
+                                                                    multi / export)
+        if run.checkpoints:
             (s1, a), (s2, b) = (latest_checkpoint(d / "checkpoints") for d in (single, multi))
             assert s1 == s2 and set(a) == set(b)
             for k in a:
                 np.testing.assert_allclose(a[k], b[k], rtol=PARAM_RTOL, atol=PARAM_ATOL, err_msg=k)
-        for pattern in case.log_patterns:
+        for pattern in run.log_patterns:
             for log in sorted((multi_root.parent / "logs").glob("process_*.log")):
                 assert re.search(pattern, log.read_text()), (log.name, pattern)
         # Process 0 alone wrote the run's files: no leftovers of concurrent writers.

@@ -120,6 +120,10 @@ def test_agreement_helpers_are_local_on_one_process(tmp_path):
     np.testing.assert_array_equal(mh.allgather(np.arange(3)), [[0, 1, 2]])
     mh.write_once(lambda p: open(p, "w").write("x"), str(tmp_path / "f"))
     assert (tmp_path / "f").read_text() == "x"
+    with pytest.raises(TypeError):
+        mh.broadcast_from_main(0.5)
+    with pytest.raises(ValueError, match="int32"):
+        mh.broadcast_from_main(2**40)
 
 
 def test_to_host_reads_sharded_and_replicated_arrays():
