@@ -66,6 +66,8 @@ DTYPES = ("float32", "bfloat16", "fp32", "bf16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 SFT_NORMALIZE = ("token", "sequence", "sequence_sum", "sum")
 DISTRIBUTED_MODES = ("auto", "on", "off")
+NONFINITE = ("error", "skip")
+ON_CORRUPT = ("error", "previous")
 
 # key: (default, description). Nested dicts are sections.
 _SCHEMA: dict[str, Any] = {
@@ -141,6 +143,11 @@ _SCHEMA: dict[str, Any] = {
         "log_every": (1, "write metrics every this many steps"),
         "compute_dtype": ("", "cast params to this dtype for the forward/backward (e.g. "
                               "bfloat16 over float32 master weights); '' = no cast"),
+        "nonfinite": ("error", "a NaN/inf loss or gradient norm: error (stop, naming the step; "
+                               "nothing of it is saved or exported) or skip (keep the previous "
+                               "params for that step)"),
+        "max_skipped_steps": (10, "with train.nonfinite='skip': stop with an error after this "
+                                  "many consecutive skipped steps"),
     },
     "checkpoint": {
         "every_steps": (100, "save a checkpoint every this many steps (0 = only at the end "
@@ -150,6 +157,11 @@ _SCHEMA: dict[str, Any] = {
         "resume": (True, "resume from the latest complete checkpoint in workdir/checkpoints"),
         "export": (True, "at the end, write the model in HF format to workdir/export"),
         "export_dtype": ("", "dtype of the exported weights; '' = model.param_dtype"),
+        "checksums": (True, "write a SHA-256 manifest into each checkpoint and verify it before "
+                            "restoring"),
+        "on_corrupt": ("error", "a checkpoint whose checksums do not match at resume: error "
+                                "(stop, naming it) or previous (move it to <step>.corrupt and "
+                                "resume from the previous complete one)"),
     },
     "metrics": {
         "tensorboard": (True, "write TensorBoard event files to the workdir"),
@@ -451,6 +463,28 @@ def _choice(config: Any, key: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key}: {value!r} is not one of {list(choices)}")
 
 
+def check_finite(config: Any) -> None:
+    """Every float key (by its default's type) must hold a finite number: NaN and inf pass most
+    range checks (``nan < 0`` is False) and would reach the optimizer. Free-form dicts too."""
+    for key, value in _flatten(config):
+        default = DEFAULTS.get(key)
+        if isinstance(default, float) and isinstance(value, (int, float)) and \
+                not isinstance(value, bool) and not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value}")
+        if key in FREE_FORM_KEYS and hasattr(value, "items"):
+            for sub, v in _walk_plain(value, key + "."):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{sub}: must be a finite number, got {v}")
+
+
+def _walk_plain(d: Any, prefix: str) -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if hasattr(v, "items"):
+            yield from _walk_plain(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
 def get(config: Any, key: str) -> Any:
     """``config`` value at a dotted ``key``."""
     node = config
@@ -477,6 +511,7 @@ def validate_config(config: Any) -> None:
     if missing:
         raise ConfigError(f"{missing[0]}: key missing from the config (start experiment files "
                           "from sgalm_jax.config.base_config())")
+    check_finite(config)
 
     for key in ("model.dtype", "model.param_dtype"):
         _choice(config, key, DTYPES)
@@ -489,6 +524,8 @@ def validate_config(config: Any) -> None:
     _choice(config, "optimizer.schedule", SCHEDULES)
     _choice(config, "sft.normalize", SFT_NORMALIZE)
     _choice(config, "distributed.mode", DISTRIBUTED_MODES)
+    _choice(config, "train.nonfinite", NONFINITE)
+    _choice(config, "checkpoint.on_corrupt", ON_CORRUPT)
     if config.model.init and config.model.path:
         raise ConfigError("model.init: set either model.path or model.init, not both")
     if config.model.init and config.model.init not in MODEL_PRESETS:
@@ -506,7 +543,7 @@ def validate_config(config: Any) -> None:
     non_negative = ["optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.weight_decay",
                     "optimizer.momentum", "optimizer.max_grad_norm", "optimizer.eps",
                     "checkpoint.every_steps", "data.max_examples", "metrics.peak_tflops",
-                    "optimizer.end_lr_factor", "sft.logits_chunk_size"]
+                    "optimizer.end_lr_factor", "sft.logits_chunk_size", "train.max_skipped_steps"]
     for key in non_negative:
         if get(config, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(config, key)}")
@@ -516,6 +553,9 @@ def validate_config(config: Any) -> None:
     for key in ("optimizer.b1", "optimizer.b2", "optimizer.rmsprop_decay"):
         if not 0 <= get(config, key) < 1:
             raise ConfigError(f"{key}: must be in [0, 1), got {get(config, key)}")
+    if not 0 <= config.optimizer.end_lr_factor <= 1:
+        raise ConfigError(f"optimizer.end_lr_factor: must be in [0, 1] (a fraction of the peak "
+                          f"learning rate), got {config.optimizer.end_lr_factor}")
     if config.train.batch_size % config.train.grad_accum_steps:
         raise ConfigError(f"train.batch_size: {config.train.batch_size} is not divisible by "
                           f"train.grad_accum_steps={config.train.grad_accum_steps}")
@@ -572,12 +612,10 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: str) -> None:
-    """Write the resolved config as JSON (``workdir/config.json``)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(config), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write the resolved config as JSON (``workdir/config.json``), atomically."""
+    from sgalm_jax.fileio import atomic_write_json
+
+    atomic_write_json(path, to_dict(config), indent=2, sort_keys=True)
 
 
 def load_config_json(path: str) -> ml_collections.ConfigDict:

@@ -51,6 +51,7 @@ from sgalm_jax.algorithms.sgalm_data import (
 )
 from sgalm_jax.config import to_dict
 from sgalm_jax.errors import ConfigError
+from sgalm_jax.evaluation.rouge import RougeFilter
 from sgalm_jax.training import multihost as mh
 
 log = logging.getLogger(__name__)
@@ -186,7 +187,7 @@ def generate_self_instruct(gen: Generator, n: int, seed: int, *, seeds_per_promp
     data = gen.data
     task = data.task
     questions = [diag.split_sample(task, t) for t in data.real_texts]
-    filt = diag.RougeFilter(threshold, seeds=[q[0] for q in questions if q])
+    filt = RougeFilter(threshold, seeds=[q[0] for q in questions if q])
     kept: list[Sample] = []
     rng = random.Random(f"{seed}:self_instruct")
     batch = int(gen.config.sgalm.sample_batch_size)

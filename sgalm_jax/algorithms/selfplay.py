@@ -55,6 +55,7 @@ from sgalm_jax.algorithms.selfplay_data import (
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
 from sgalm_jax.training import multihost as mh
+from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import setup_run
 from sgalm_jax.training import (
     Checkpointer,
@@ -163,8 +164,8 @@ def parse_learning_rates(spec: str) -> list[float]:
             lr = float(part)
         except ValueError:
             raise ConfigError(f"selfplay.lr_per_iteration: {part!r} is not a number") from None
-        if not lr > 0:
-            raise ConfigError(f"selfplay.lr_per_iteration: {lr} must be > 0")
+        if not 0 < lr < float("inf"):
+            raise ConfigError(f"selfplay.lr_per_iteration: {lr} must be a finite number > 0")
         out.append(lr)
     return out
 
@@ -272,10 +273,9 @@ class _Run:
                  sp.loss)
         self.loss_fn, self.takes_alpha = resolve_loss(config)
         self.sampler_cls = Sampler
-        self.ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 every_steps=config.checkpoint.every_steps,
-                                 keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
+        self.ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"),
+                                             config.checkpoint)
+        self.finite = FiniteGuard.from_config(config, self.ckpt)
         self._step_fns: dict[tuple, Any] = {}
         self._evaluator = None
         self.scorer = None
@@ -321,7 +321,7 @@ class _Run:
                 compute_dtype=cfg.train.compute_dtype or None,
                 trainable=trainable_mask(params, cfg.optimizer.freeze) if cfg.optimizer.freeze
                 else None,
-                learning_rate=schedule)
+                learning_rate=schedule, skip_nonfinite=self.finite.skip)
         return self._step_fns[key]
 
     def ensure_tools(self) -> None:
@@ -542,7 +542,7 @@ class _Run:
         total = self.offsets[-1]
         last: dict[str, Any] = {}
         timer = StepTimer(self.mcfg.num_params())
-        with PreemptionGuard() as guard, MetricsWriter(
+        with self.ckpt, PreemptionGuard() as guard, MetricsWriter(
                 self.workdir, total_steps=total, initial_step=self.offsets[start_t] + start_s,
                 tensorboard=config.metrics.tensorboard,
                 progress_bar=config.metrics.progress_bar) as writer:
@@ -589,14 +589,17 @@ class _Run:
                     state, metrics = step_fn(state, sh.global_batch_from_local(local, self.mesh),
                                              alpha)
                     g = self.offsets[t] + s + 1
+                    self.finite.add(g, metrics)
                     timer.add(tokens=int(local["attention_mask"].sum()) * pcount)
                     if g % config.train.log_every == 0 or s + 1 == self.steps[t]:
                         metrics = jax.device_get(metrics)
                         metrics.update(timer.tick())
                         metrics.update(iteration=t, alpha=data.meta["alpha"])
                         last = writer.write(g, metrics)
+                        self.finite.check()
                     stop = guard.should_stop(g)
                     if self.ckpt.should_save(g) or stop or s + 1 == self.steps[t]:
+                        self.finite.check()  # never checkpoint or export a diverged state
                         self.ckpt.save(g, state.to_dict(), {"iteration": t, "iter_step": s + 1,
                                                             "time": time.time()})
                     inject_fault(g)

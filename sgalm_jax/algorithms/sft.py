@@ -54,6 +54,7 @@ from sgalm_jax.training.batching import (
     host_share,
     truncate,
 )
+from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
 from sgalm_jax.training.tokenizer import BUILTIN_TINY
@@ -74,6 +75,8 @@ def validate(config: Any) -> None:
     d = config.data
     if bool(d.train_file) == bool(d.task):
         raise ConfigError("data.train_file: set exactly one of data.train_file and data.task")
+    if d.train_file and os.path.isdir(d.train_file):
+        raise ConfigError(f"data.train_file: {d.train_file!r} is a folder, not a JSONL file")
     if d.train_file and not os.path.isfile(d.train_file):
         raise ConfigError(f"data.train_file: {d.train_file!r} does not exist")
     if d.task:
@@ -93,24 +96,25 @@ def load_records(config: Any) -> list[tuple[str, str]]:
     limit = d.max_examples or None
     pairs: list[tuple[str, str]] = []
     if d.train_file:
-        with open(d.train_file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{d.train_file}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: expected a JSON object")
-                for key in (d.prompt_key, d.response_key):
-                    if not isinstance(rec.get(key), str):
-                        raise DataError(f"{where}: field {key!r} missing or not a string "
-                                        "(data.prompt_key / data.response_key)")
-                pairs.append((rec[d.prompt_key], rec[d.response_key]))
-                if limit and len(pairs) >= limit:
-                    break
+        from sgalm_jax.data.io import iter_lines
+
+        for lineno, line in iter_lines(d.train_file):  # DataError naming a non-UTF-8 line
+            if not line.strip():
+                continue
+            where = f"{d.train_file}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            for key in (d.prompt_key, d.response_key):
+                if not isinstance(rec.get(key), str):
+                    raise DataError(f"{where}: field {key!r} missing or not a string "
+                                    "(data.prompt_key / data.response_key)")
+            pairs.append((rec[d.prompt_key], rec[d.response_key]))
+            if limit and len(pairs) >= limit:
+                break
     else:
         from sgalm_jax.data import get_task
 
@@ -238,9 +242,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                          min_bucket=config.data.min_bucket, pad_id=setup.pad_id)
 
     num_steps = config.train.num_steps
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                        every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
+    ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    finite = FiniteGuard.from_config(config, ckpt)
     resume_step = ckpt.latest_step() if config.checkpoint.resume else None
 
     # Params: loaded/initialised, or (when resuming) only their shapes: the checkpoint fills them.
@@ -281,7 +284,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         grad_accum_steps=config.train.grad_accum_steps,
         accum_weight="num_tokens" if config.sft.normalize == "token" else None,
         compute_dtype=config.train.compute_dtype or None,
-        trainable=trainable if config.optimizer.freeze else None, learning_rate=schedule)
+        trainable=trainable if config.optimizer.freeze else None, learning_rate=schedule,
+        skip_nonfinite=finite.skip)
 
     start = int(jax.device_get(state.step))
     timer = StepTimer(mcfg.num_params(),
@@ -290,7 +294,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     last: dict[str, Any] = {}
     preempted = False
     pidx, pcount = jax.process_index(), jax.process_count()
-    with PreemptionGuard() as guard, MetricsWriter(
+    with ckpt, PreemptionGuard() as guard, MetricsWriter(
             workdir, total_steps=num_steps, initial_step=start,
             tensorboard=config.metrics.tensorboard,
             progress_bar=config.metrics.progress_bar) as writer:
@@ -302,16 +306,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             step += 1
             data_position += 1
             timer.add(tokens=local["input_ids"].size * pcount)
+            finite.add(step, metrics)
             if step % config.train.log_every == 0 or step == num_steps:
                 metrics = jax.device_get(metrics)
                 metrics.update(timer.tick())
                 metrics["epoch"] = source.locate(data_position - 1)[0]
                 last = writer.write(step, metrics)
+                finite.check()
                 if step == start + 1:
                     log.info("step %d: loss %.4f (first step, includes compilation: %.1fs)",
                              step, float(metrics["loss"]), metrics["step_time"])
             stop = guard.should_stop(step)
             if ckpt.should_save(step) or stop or step == num_steps:
+                finite.check()  # never checkpoint (or later export) a diverged state
                 ckpt.save(step, state.to_dict(), {"data_position": data_position,
                                                   "time": time.time()})
             inject_fault(step)

@@ -82,6 +82,7 @@ from sgalm_jax.training import (
     trainable_mask,
 )
 from sgalm_jax.training import multihost as mh
+from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
 from sgalm_jax.training.tokenizer import BUILTIN_TINY
@@ -416,7 +417,8 @@ class SGALM:
                      if cfg.optimizer.freeze else None)
         common = dict(mesh=self.mesh, state_shardings=self.shardings,
                       grad_accum_steps=cfg.train.grad_accum_steps,
-                      compute_dtype=cfg.train.compute_dtype or None, trainable=trainable)
+                      compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
+                      skip_nonfinite=cfg.train.nonfinite == "skip")
         labels = self.data.labels
         self.d_step = make_train_step(make_d_loss(self.graphdef, labels), self.tx_d,
                                       learning_rate=self.lr_d, **common)
@@ -541,9 +543,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """Train; returns the last diagnostics (and ``preempted`` / ``export`` entries)."""
     algo = SGALM(config, workdir)
     s = config.sgalm
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                        every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
+    ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    finite = FiniteGuard.from_config(config, ckpt)
     resume_step = ckpt.latest_step() if config.checkpoint.resume else None
     graphdef, roles, meta = algo.build_states(ckpt, resume_step)
     algo.make_steps(roles)
@@ -556,7 +557,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     preempted = False
     u = t * algo.per_iter + i0
-    with PreemptionGuard() as guard, MetricsWriter(
+    with ckpt, PreemptionGuard() as guard, MetricsWriter(
             workdir, total_steps=algo.total_updates, initial_step=u,
             tensorboard=config.metrics.tensorboard, progress_bar=config.metrics.progress_bar,
             bar_keys=("d_loss", "d_acc", "g_loss")) as writer:
@@ -591,6 +592,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 if within < algo.steps_d:
                     batch = algo.d_batch(train, mb, rnd * algo.steps_d + within)
                     new_d, m = algo.d_step(roles.d, to_global(batch, algo.mesh))
+                    finite.add(u + 1, m, role="discriminator")
                     roles = Roles(roles.g if roles.two else new_d, new_d, roles.two)
                     m = _d_metrics(jax.device_get(m))
                 else:
@@ -598,12 +600,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                     extra = (roles.d.params,) if algo.gen_opts.reward_source == "separate" else ()
                     new_g, m = algo.g_step(roles.g, to_global(batch, algo.mesh),
                                            *extra)
+                    finite.add(u + 1, m, role="generator")
                     roles = Roles(new_g, roles.d if roles.two else new_g, roles.two)
                     m = _g_metrics(jax.device_get(m))
                 u += 1
                 if u % config.train.log_every == 0 or i + 1 == algo.per_iter:
                     m["iteration"] = t
                     writer.write(u, m)
+                finite.check()  # every update (its metrics are on the host already)
                 stop = guard.should_stop(u)
                 if ckpt.should_save(u) or stop or i + 1 == algo.per_iter:
                     ckpt.save(u, roles.to_dict(), {"iteration": t, "iter_step": i + 1,

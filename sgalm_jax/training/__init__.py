@@ -1,5 +1,6 @@
 """The training core shared by every algorithm: optimizers, train state, a generic jitted train
-step, Orbax checkpoints with resume and preemption handling, metric writers, multi-host start-up.
+step, Orbax checkpoints with resume, checksums and preemption handling, divergence detection
+(:class:`FiniteGuard`), the run directory's checks and lock, metric writers, multi-host start-up.
 
 Typical use (what ``sgalm_jax.algorithms.sft`` does)::
 
@@ -12,6 +13,7 @@ Typical use (what ``sgalm_jax.algorithms.sft`` does)::
 """
 
 from sgalm_jax.training.checkpoint import Checkpointer, PreemptionGuard, inject_fault
+from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.metrics import MetricsWriter, StepTimer, mfu, peak_flops_per_device
 from sgalm_jax.training.optimizers import (
     freeze_params,
@@ -33,14 +35,18 @@ from sgalm_jax.training.state import (
     train_state_shardings,
 )
 from sgalm_jax.training.train_step import make_train_step
+from sgalm_jax.training.workdir import WorkdirLock, check_workdir
 
 __all__ = [
     "Checkpointer",
+    "FiniteGuard",
     "MetricsWriter",
     "PreemptionGuard",
     "StepTimer",
     "TrainState",
+    "WorkdirLock",
     "abstract_like",
+    "check_workdir",
     "create_train_state",
     "freeze_params",
     "inject_fault",
