@@ -20,6 +20,7 @@ marks them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -176,12 +177,35 @@ def _save_tiny_model(path: Path) -> Path:
     return path
 
 
-def _run_single(case: Case, root: Path, model: Path) -> float:
+@contextlib.contextmanager
+def _compilation_cache(path: Path):
+    """A persistent compilation cache in this process for a while (then as before): the runs of a
+    case share programs (the sampler, scorers, train steps of the SGALM variants)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+            "jax_persistent_cache_min_entry_size_bytes")
+    old = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    cc.reset_cache()
+    cc.set_cache_dir(str(path))
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            jax.config.update(k, v)
+        cc.reset_cache()
+
+
+def _run_single(case: Case, root: Path, model: Path, cache: Path) -> float:
     from sgalm_jax.main import main
 
     start = time.perf_counter()
-    for args in _args(case.runs, root, model):
-        assert main(["sgalm_jax.main", *args]) == 0, args
+    with _compilation_cache(cache):
+        for args in _args(case.runs, root, model):
+            assert main(["sgalm_jax.main", *args]) == 0, args
     return time.perf_counter() - start
 
 
@@ -237,7 +261,7 @@ def runs(tmp_path_factory):
         if case.name not in done:
             base = tmp_path_factory.mktemp(case.name)
             single, multi = base / "single" / "w", base / "multi" / "w"
-            t1 = _run_single(case, single, model)
+            t1 = _run_single(case, single, model, cache)
             t2, info = _run_multi(case, multi, cache, model)
             info.update(single_seconds=round(t1, 1), multi_seconds=round(t2, 1))
             done[case.name] = (single, multi, info)
