@@ -102,7 +102,9 @@ def parse_config(argv: Sequence[str]) -> Any:
     from ml_collections import config_flags
 
     from sgalm_jax import config as cfg
+    from sgalm_jax.algorithms import load_builtin_algorithms
 
+    load_builtin_algorithms()  # their config sections: the schema the file and overrides meet
     argv = list(argv)
     for key in _override_keys(argv[1:]):
         cfg.check_key(key)

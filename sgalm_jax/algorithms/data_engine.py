@@ -49,12 +49,38 @@ from sgalm_jax.algorithms.sgalm_data import (
     save_samples,
     trim_completion,
 )
-from sgalm_jax.config import to_dict
+from sgalm_jax.algorithms import sgalm as _sgalm  # noqa: F401 (its section: sgalm.* keys used here)
+from sgalm_jax.config import register_section, to_dict
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.evaluation.rouge import RougeFilter
 from sgalm_jax.training import multihost as mh
 
 log = logging.getLogger(__name__)
+
+# This algorithm's config section (``--describe`` lists it; see sgalm_jax.config).
+register_section("data_engine", {
+    "generator_path": ("", "HF model that writes SGALM's synthetic samples (e.g. an SGALM "
+                           "run's export); '' = model.path (no SGALM training)"),
+    "self_instruct_path": ("", "HF model of the Self-Instruct baseline; '' = model.path"),
+    "methods": ("sgalm,self_instruct", "comma-separated pipelines: sgalm (4-shot SGALM "
+                                       "prompt) and/or self_instruct (baseline)"),
+    "scales": ("1,2,4", "synthetic set sizes as multiples k of the real train set"),
+    "dedupe_ngram": (13, "n of the word n-grams compared with the test split"),
+    "dedupe_threshold": (0.5, "drop a sample when more than this fraction of its n-grams "
+                              "occur in the test split"),
+    "rouge_threshold": (0.7, "Self-Instruct: drop a sample whose question has ROUGE-L F1 "
+                             "above this with any earlier one (seeds included)"),
+    "self_instruct_seeds": (6, "Self-Instruct: real samples per prompt"),
+    "self_instruct_generated": (2, "Self-Instruct: earlier generated samples per prompt"),
+    "mix_real": (True, "SFT the student on real + synthetic samples (False: synthetic "
+                       "only)"),
+    "baseline_real_only": (True, "also SFT the student on the real samples alone (the k=0 "
+                                 "row)"),
+    "student_path": ("", "HF checkpoint of the smaller student model"),
+    "student_init": ("", "instead of student_path: a random-init preset (tests, demos)"),
+    "epochs": (1.0, "student SFT passes over its data (sets train.num_steps); the "
+                    "students are then evaluated with the eval section"),
+}, owner=__name__)
 
 METHODS = ("sgalm", "self_instruct")
 

@@ -37,7 +37,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from sgalm_jax.config import DEFAULTS, base_config, get, save_config, to_dict
+from sgalm_jax.algorithms import base_config
+from sgalm_jax.config import DEFAULTS, get, save_config, to_dict
 from sgalm_jax.training import multihost as mh
 
 log = logging.getLogger(__name__)

@@ -10,6 +10,10 @@ Typical use (what ``sgalm_jax.algorithms.sft`` does)::
     step = make_train_step(model_loss(graphdef, my_loss), tx, mesh=mesh,
                            state_shardings=shardings, learning_rate=schedule)
     state, metrics = step(state, batch)
+
+Algorithms with several models (a generator and a discriminator, a policy and its KL reference)
+declare them as :class:`Roles` (``training/roles.py``): named learners and frozen models, their
+train steps, and one checkpoint for all of them.
 """
 
 from sgalm_jax.training.checkpoint import Checkpointer, PreemptionGuard, inject_fault
@@ -24,6 +28,7 @@ from sgalm_jax.training.optimizers import (
     torch_sgd,
     trainable_mask,
 )
+from sgalm_jax.training.roles import Role, Roles, copy_params
 from sgalm_jax.training.state import (
     TrainState,
     abstract_like,
@@ -42,11 +47,14 @@ __all__ = [
     "FiniteGuard",
     "MetricsWriter",
     "PreemptionGuard",
+    "Role",
+    "Roles",
     "StepTimer",
     "TrainState",
     "WorkdirLock",
     "abstract_like",
     "check_workdir",
+    "copy_params",
     "create_train_state",
     "freeze_params",
     "inject_fault",

@@ -264,6 +264,19 @@ class Checkpointer:
         meta.setdefault("step", step)
         return restored.state, meta
 
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of checkpoint ``step`` (default: latest) without reading its arrays."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"{self.directory}: no complete checkpoint to read")
+        try:
+            restored = self.manager.restore(
+                step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        except Exception as e:
+            raise CheckpointError(f"{self.directory}/{step}: cannot read the checkpoint's "
+                                  f"metadata ({type(e).__name__}: {e})") from e
+        return dict(restored.meta or {})
+
     def _verified(self, step: int) -> int:
         """``step`` if its checksums match, else (on_corrupt="previous") the latest intact
         earlier step; raises CheckpointError otherwise. On several hosts, process 0 verifies (and
