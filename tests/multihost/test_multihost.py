@@ -12,7 +12,7 @@ Then the two workdirs are compared: every numeric metric of ``metrics.jsonl`` (l
 norms, diagnostics, evaluation scores; timings excluded) to float noise, generated samples exactly,
 the latest checkpoint's arrays and the exported HF weights to float noise, evaluation results.
 
-Adding an algorithm (GRPO, GAD, ...) is one more :class:`Run` in ``CASES`` (its config file, small
+Adding an algorithm (GAD, ...) is one more :class:`Run` in ``CASES`` (its config file, small
 overrides, the files to compare), in a new :class:`Case` when it should be preempted (the step
 to preempt at). These runs are the expensive part of the suite (CI runs them too: ``slow`` only
 marks them).
@@ -141,7 +141,7 @@ CASES = [
             f"--config.sgalm.variant={variant}", "--config.sgalm.iterations=1",
             "--config.sgalm.final_samples=0"), samples=("samples/*.jsonl",))
         for variant in ("full", "d_only", "g_only"))),
-    Case("selfplay", preempt=4, runs=(
+    Case("selfplay_grpo", preempt=4, runs=(
         Run("iris", "selfplay_tiny.py", PRETRAINED + SGD + DATA_2 + (
             "--config.selfplay.loss=iris", "--config.selfplay.alpha_schedule=adaptive",
             "--config.data.max_examples=16", "--config.selfplay.steps_per_iteration=3",
@@ -152,6 +152,12 @@ CASES = [
             # share of pairs with real reward > synthetic reward: at an iteration's first step
             # the policy is its reference, so every reward is 0 up to float noise.
             discrete=("accuracy",)),
+        # 2 rollouts of 4 prompts x 4 completions, a reward a random model's samples spread on.
+        Run("grpo", "grpo_tiny.py", PRETRAINED + SGD + DATA_2 + (
+            "--config.grpo.reward=tests.algorithms.grpo_rewards:low_token_fraction",
+            "--config.train.num_steps=4", "--config.grpo.max_new_tokens=16",
+            "--config.data.max_examples=16"),
+            samples=("rollouts/*.jsonl",)),
     )),
 ]
 
