@@ -67,6 +67,17 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                        intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
                        tie_word_embeddings=True),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
+                       tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=131072,
+                         rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
 }
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
@@ -110,10 +121,16 @@ _SCHEMA: dict[str, Any] = {
     "distributed": {
         "mode": ("auto", "multi-host JAX: auto (initialise when launched on several hosts), "
                          "on, off"),
-        "coordinator_address": ("", "host:port of process 0; '' = detected from the "
-                                    "environment (TPU VM, SLURM, JAX_COORDINATOR_ADDRESS)"),
-        "num_processes": (-1, "number of processes; -1 = detected"),
-        "process_id": (-1, "this process's index; -1 = detected"),
+        "coordinator_address": ("", "host:port of process 0; '' = $JAX_COORDINATOR_ADDRESS, or "
+                                    "detected (TPU VM, SLURM, Open MPI)"),
+        "num_processes": (-1, "number of processes; -1 = $JAX_NUM_PROCESSES, or detected"),
+        "process_id": (-1, "this process's index; -1 = $JAX_PROCESS_ID, or detected"),
+        "coordinator_bind_address": ("", "host:port process 0's coordinator listens on; '' = "
+                                         "$JAX_COORDINATOR_BIND_ADDRESS, else loopback for a "
+                                         "loopback coordinator_address, else every interface"),
+        "local_device_ids": ("", "comma-separated ids of the devices this process drives; '' = "
+                                 "$JAX_LOCAL_DEVICE_IDS, or all (SLURM: one GPU per task)"),
+        "initialization_timeout": (300, "seconds to wait for every process to join"),
     },
     "optimizer": {
         "name": ("adamw", "adamw, rmsprop (torch-style: sqrt(v) + eps, no momentum by "

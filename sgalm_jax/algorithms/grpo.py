@@ -67,6 +67,7 @@ from sgalm_jax.config import register_section
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.evaluation.rewards import call_reward, get_reward
 from sgalm_jax.losses.policy_gradient import ADV_SCALES, KL_ESTIMATORS
+from sgalm_jax.models.lora import split_adapters
 from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
@@ -166,6 +167,11 @@ def validate(config: Any) -> None:
     from sgalm_jax.algorithms import sft
 
     sft.validate(config)
+    if config.lora.enabled:
+        from sgalm_jax.training.lora_setup import validate as validate_lora
+        from sgalm_jax.training.model_setup import model_config
+
+        validate_lora(config, model_config(config.model))
     g = config.grpo
     if config.data.packing:
         raise ConfigError("data.packing: not supported by grpo (rows are prompt + completion)")
@@ -241,11 +247,30 @@ class GRPO:
 
     # ---------------------------------------------------------------- roles and steps
     def build_roles(self, ckpt: Checkpointer, resume_step: int | None) -> dict[str, Any]:
-        """``policy`` (learner) and, with beta > 0, ``reference`` (the start model, frozen)."""
+        """``policy`` (learner) and, with beta > 0, ``reference`` (the start model, frozen).
+
+        With ``lora.enabled``: a frozen ``base``, the policy as adapters on it, and the reference
+        a view of the base (the adapters switched off: the start model, no weights of its own).
+        """
         from sgalm_jax.models import CausalLM
         from sgalm_jax.training.model_setup import build_model
 
         cfg = self.config
+        self.roles = Roles(self.mesh)
+        self.lora = None
+        if cfg.lora.enabled:
+            from sgalm_jax.training.lora_setup import LoraSetup
+
+            self.lora = LoraSetup(cfg, self.mesh, self.mcfg)
+            self.graphdef = self.lora.graphdef
+            own, _ = split_adapters(self.lora.abstract)
+            tx, self.schedule = make_optimizer(cfg.optimizer, num_steps=cfg.train.num_steps,
+                                               params=own)
+            self.lora.declare_base(self.roles)
+            self.lora.learner(self.roles, "policy", tx, schedule=self.schedule, seed=cfg.seed)
+            if self.opts.beta > 0:
+                self.roles.view("reference", of="base")
+            return self._finish_roles(ckpt, resume_step)
 
         def start_model() -> Any:
             return split_model(build_model(cfg.model, mesh=self.mesh, seed=cfg.seed))
@@ -257,7 +282,6 @@ class GRPO:
                 nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0))))
         tx, self.schedule = make_optimizer(cfg.optimizer, num_steps=cfg.train.num_steps,
                                            params=params)
-        self.roles = Roles(self.mesh)
         self.roles.learner("policy", self.graphdef, params, tx, schedule=self.schedule,
                            seed=cfg.seed)
         if self.opts.beta > 0:
@@ -265,9 +289,15 @@ class GRPO:
             # model.path (or re-initialised from the seed), bit-identical to the first time.
             self.roles.snapshot("reference", of="policy", saved=False,
                                 rebuild=lambda: start_model()[1])
+        return self._finish_roles(ckpt, resume_step)
+
+    def _finish_roles(self, ckpt: Checkpointer, resume_step: int | None) -> dict[str, Any]:
+        """Build (or restore) the roles; the policy's train step, the sampler, the log-prob
+        passes."""
+        cfg = self.config
         meta = self.roles.build(ckpt, resume_step)
         policy = self.roles["policy"]
-        trainable = (trainable_mask(policy.params, cfg.optimizer.freeze)
+        trainable = (trainable_mask(policy.own_params, cfg.optimizer.freeze)
                      if cfg.optimizer.freeze else None)
         policy.add_step("grpo", make_grpo_loss(self.graphdef, self.opts),
                         grad_accum_steps=cfg.train.grad_accum_steps,
@@ -397,12 +427,16 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                     "resume", u, ckpt.directory)
         return {**last, "preempted": True, "step": u}
     out = {**last, "preempted": False, "step": u}
-    if config.checkpoint.export and algo.is_main:
+    if config.checkpoint.export:  # every process: the export gathers the sharded weights
         from sgalm_jax.models import save_pretrained
 
         export_dir = os.path.join(workdir, "export")
-        save_pretrained(algo.roles["policy"].model(), export_dir, tokenizer=algo.tokenizer,
+        policy = algo.roles["policy"].model()
+        save_pretrained(policy, export_dir, tokenizer=algo.tokenizer,  # LoRA: merged weights
                         dtype=config.checkpoint.export_dtype or None)
         log.info("exported the policy in HF format to %s", export_dir)
         out["export"] = export_dir
+        if algo.lora is not None:
+            out["export_adapter"] = algo.lora.export_adapter(
+                policy, os.path.join(workdir, "export_adapter"))
     return out

@@ -151,7 +151,8 @@ class LogprobPass:
         out = []
         for start in range(0, len(rows["input_ids"]), self.rows):
             chunk = {k: rows[k][start:start + self.rows] for k in keys}
-            out.append(np.asarray(jax.device_get(self._fn(params, to_global(chunk, self.mesh)))))
+            # Batch-sharded over every host's devices: gathered so each process gets every row.
+            out.append(sh.to_host(self._fn(params, to_global(chunk, self.mesh))))
         return np.concatenate(out)
 
 
@@ -211,9 +212,9 @@ class PolicyUpdate:
     """Log-prob passes and optimizer steps of one rollout for a policy learner.
 
     Args:
-      roles: the run's :class:`~sgalm_jax.training.Roles`; ``policy`` names the learner (its
-        train step ``"grpo"`` must exist), and a role named ``reference``, if any, is the KL
-        reference.
+      roles: the run's :class:`~sgalm_jax.training.Roles` (built); ``policy`` names the learner
+        (its train step ``"grpo"`` must exist), and a role named ``reference``, if any, is the KL
+        reference (with LoRA a view of the frozen base: its own graph, adapters off).
       graphdef, opts: the policy's graph and loss options (for the no-grad passes).
       rows_per_step: completions per optimizer step (``train.batch_size``).
       minibatches, epochs: optimizer steps per pass over a rollout, and passes.
@@ -239,6 +240,11 @@ class PolicyUpdate:
         self.logprobs = LogprobPass(graphdef, opts, mesh,
                                     rows_per_call=rows_per_step // grad_accum_steps,
                                     compute_dtype=compute_dtype)
+        self.ref_logprobs = self.logprobs
+        if "reference" in roles and roles["reference"].graphdef != graphdef:
+            self.ref_logprobs = LogprobPass(  # LoRA: the base's own graph (adapters off)
+                roles["reference"].graphdef, opts, mesh,
+                rows_per_call=rows_per_step // grad_accum_steps, compute_dtype=compute_dtype)
 
     def rows(self, pool: PromptPool, rollout: Rollout) -> dict[str, np.ndarray]:
         """Rows of the sampled tokens with advantages, old and reference log-probs."""
@@ -248,7 +254,7 @@ class PolicyUpdate:
             rows["old_logprobs"] = (sampler_lp if self.old_mode == "sampler"
                                     else self.logprobs(self.roles[self.policy].params, rows))
         if "reference" in self.roles:
-            rows["ref_logprobs"] = self.logprobs(self.roles["reference"].params, rows)
+            rows["ref_logprobs"] = self.ref_logprobs(self.roles["reference"].params, rows)
         return rows
 
     def minibatch_order(self, r: int, epoch: int) -> np.ndarray:
@@ -268,7 +274,7 @@ class PolicyUpdate:
                 idx = order[k * b:(k + 1) * b]
                 batch = to_global({key: v[idx] for key, v in rows.items()}, self.mesh)
                 out.append({n: float(v) for n, v in
-                            jax.device_get(policy.step("grpo", batch)).items()})
+                            sh.to_host(policy.step("grpo", batch)).items()})
         return out
 
 

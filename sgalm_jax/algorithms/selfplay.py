@@ -55,6 +55,7 @@ from sgalm_jax.algorithms.selfplay_data import (
 from sgalm_jax.config import FREE_FORM, register_section
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
+from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import setup_run
 from sgalm_jax.training import (
@@ -268,6 +269,11 @@ def validate(config: Any) -> None:
     from sgalm_jax.losses.selfplay import ALPHA_SCHEDULES
 
     sft.validate(config)
+    if config.lora.enabled:
+        from sgalm_jax.training.lora_setup import validate as validate_lora
+        from sgalm_jax.training.model_setup import model_config
+
+        validate_lora(config, model_config(config.model))
     sp = config.selfplay
     resolve_loss(config)
     if config.data.packing:
@@ -333,6 +339,7 @@ class _Run:
                                              config.checkpoint)
         self.finite = FiniteGuard.from_config(config, self.ckpt)
         self.roles: Roles | None = None
+        self.lora = None  # a LoraSetup with lora.enabled
         self._evaluator = None
         self.scorer = None
         self.sampler = None
@@ -371,6 +378,18 @@ class _Run:
         from sgalm_jax.training.model_setup import build_model
 
         config = self.config
+        self.roles = Roles(self.mesh)
+        if config.lora.enabled:  # the policy is adapters on a frozen base (its view reads both)
+            from sgalm_jax.models.lora import split_adapters
+            from sgalm_jax.training.lora_setup import LoraSetup
+
+            self.lora = LoraSetup(config, self.mesh, self.mcfg)
+            self.graphdef = self.lora.graphdef
+            tx, schedule = self.optimizer(0, split_adapters(self.lora.abstract)[0])
+            self.lora.declare_base(self.roles)
+            self.lora.learner(self.roles, "policy", tx, schedule=schedule, seed=config.seed)
+            self.roles.view("reference", of="policy")
+            return self.roles.build(self.ckpt, latest)
         if latest is None:
             model = build_model(config.model, mesh=self.mesh, seed=config.seed)
             self.graphdef, params = split_model(model)
@@ -379,7 +398,6 @@ class _Run:
             self.graphdef, params = self.abstract_params()
         # The optimizer's state has the same structure in every iteration (only the LR differs).
         tx, schedule = self.optimizer(0, params)
-        self.roles = Roles(self.mesh)
         self.roles.learner("policy", self.graphdef, params, tx, schedule=schedule, seed=config.seed)
         self.roles.view("reference", of="policy")
         return self.roles.build(self.ckpt, latest)
@@ -394,7 +412,8 @@ class _Run:
             extra_shardings=(sh.replicated(self.mesh),),
             grad_accum_steps=cfg.train.grad_accum_steps,
             compute_dtype=cfg.train.compute_dtype or None,
-            trainable=trainable_mask(policy.params, cfg.optimizer.freeze) if cfg.optimizer.freeze
+            trainable=trainable_mask(policy.own_params, cfg.optimizer.freeze)
+            if cfg.optimizer.freeze
             else None, skip_nonfinite=self.finite.skip)
         return name
 
@@ -417,7 +436,7 @@ class _Run:
         None when preempted during generation."""
         path = os.path.join(self.iter_dir(t), "data.npz")
         n, k = len(self.data), self.config.selfplay.num_samples
-        if os.path.exists(path):
+        if mh.exists(path):  # process 0's view, so that every process takes the same branch
             data = IterationData.load(path)
             if data.meta.get("fingerprint") != self.fingerprint or data.num_samples != k:
                 raise ConfigError(f"{path}: stored for other prompts or another num_samples; use a "
@@ -432,7 +451,7 @@ class _Run:
         gb = sp.generation_batch_size
         for c, start in enumerate(range(0, n, gb)):
             chunk_path = os.path.join(self.iter_dir(t), f"gen_{c:05d}.npz")
-            if os.path.exists(chunk_path):
+            if mh.exists(chunk_path):
                 with np.load(chunk_path) as z:
                     tok, ln, fin = z["tokens"], z["lengths"], z["finished"]
             else:
@@ -491,8 +510,8 @@ class _Run:
         data.meta = self.iteration_stats(t, data, prev, lengths, finished)
         data.meta.update(fingerprint=self.fingerprint, gen_seconds=round(gen_seconds, 3),
                          ref_seconds=round(ref_seconds, 3), ref_sequences=len(seqs))
+        mh.write_once(data.save, path, name=f"selfplay_data_{t}")  # the next iteration reads it
         if self.is_main:
-            data.save(path)
             self.write_samples(t, syn)
         data.meta["fresh"] = True
         return data
@@ -558,7 +577,7 @@ class _Run:
         from sgalm_jax.algorithms.eval import flat_metrics
 
         out = os.path.join(self.workdir, "eval", tag)
-        if os.path.exists(os.path.join(out, "results.json")):
+        if mh.exists(os.path.join(out, "results.json")):
             return
         t0 = time.time()
         results = self.evaluator().evaluate(params, out_dir=out)
@@ -568,11 +587,16 @@ class _Run:
         self.event("eval", tag=tag, step=step)
 
     def maybe_export(self, path: str, params: Any) -> None:
+        """Export ``params`` to ``path`` unless done. Every process calls it: the export gathers
+        the sharded weights (a collective); only process 0 writes."""
         from sgalm_jax.models import save_pretrained
 
-        if os.path.exists(os.path.join(path, "config.json")):
+        if mh.exists(os.path.join(path, "config.json")):
             return
-        save_pretrained(merge_model(self.graphdef, params), path, tokenizer=self.tokenizer,
+        model = merge_model(self.graphdef, params)
+        if self.lora is not None:  # the adapters first: the merged export marks completion
+            self.lora.export_adapter(model, path + "_adapter")
+        save_pretrained(model, path, tokenizer=self.tokenizer,  # LoRA: merged weights
                         dtype=self.config.checkpoint.export_dtype or None)
         log.info("exported the model in HF format to %s", path)
 
@@ -616,7 +640,7 @@ class _Run:
                                                    and not isinstance(v, bool)})
                 log.info("iteration %d: gap %.4f, alpha %.4f, synthetic length %.1f", t,
                          data.meta["gap"], data.meta["alpha"], data.meta["syn_length_mean"])
-                tx, schedule = self.optimizer(t, policy.params)
+                tx, schedule = self.optimizer(t, policy.own_params)
                 if ready == t:  # built for, or restored in the middle of, this iteration
                     policy.set_optimizer(tx, schedule)
                 else:  # θ_{t+1} trains from θ_t with a fresh optimizer state
@@ -665,7 +689,7 @@ class _Run:
             writer.flush()
         out = {**last, "preempted": False, "step": total,
                "reference_passes": dict(REFERENCE_PASSES)}
-        if config.checkpoint.export and self.is_main:
+        if config.checkpoint.export:
             export = os.path.join(self.workdir, "export")
             self.maybe_export(export, policy.params)
             out["export"] = export
@@ -674,7 +698,7 @@ class _Run:
     def after_iteration(self, t: int, params: Any, writer: MetricsWriter) -> None:
         """The per-iteration hooks (idempotent: skipped when their files exist)."""
         step = self.offsets[t + 1]
-        if self.config.selfplay.export_iterations and self.is_main:
+        if self.config.selfplay.export_iterations:
             self.maybe_export(os.path.join(self.workdir, "iterations", f"iter_{t:03d}"), params)
         if self.eval_due(t):
             self.maybe_evaluate(f"iter_{t:03d}", params, step, writer)

@@ -78,6 +78,7 @@ from sgalm_jax.training import (
     split_model,
     trainable_mask,
 )
+from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
@@ -147,7 +148,11 @@ def validate(config: Any) -> None:
     """SGALM-specific checks before anything is compiled; ConfigError naming the key."""
     from sgalm_jax.data import list_tasks
 
-    model_config(config.model)
+    mcfg = model_config(config.model)
+    if config.lora.enabled:
+        from sgalm_jax.training.lora_setup import validate as validate_lora
+
+        validate_lora(config, mcfg)
     tok = tokenizer_source(config)
     if not tok:
         raise ConfigError("tokenizer.path: no tokenizer; set tokenizer.path (a directory, or "
@@ -329,7 +334,7 @@ class DScorer:
             batch = pad_rows([rows[i] for i in idx], bucket=self.bucket, pad_id=self.pad_id,
                              num_rows=self.batch_size)
             z = self._fn(params, to_global(batch, self.mesh))
-            out[idx] = np.asarray(jax.device_get(z))[:len(idx)]
+            out[idx] = sh.to_host(z)[:len(idx)]  # every host's rows
         return out
 
 
@@ -381,6 +386,7 @@ class SGALM:
         self.total_updates = int(s.iterations) * self.per_iter
         self.max_new_tokens = int(s.max_new_tokens) or self.data.p99_length + 16
         self.gen_opts = GeneratorOptions.from_config(config)
+        self.lora = None  # a LoraSetup with lora.enabled
         log.info("SGALM %s: %d iterations x %d rounds x (%d D + %d G steps); %d samples per "
                  "iteration (%d held out), up to %d new tokens; %d real samples (+%d held out)",
                  s.variant, s.iterations, self.rounds, self.steps_d, self.steps_g,
@@ -395,6 +401,8 @@ class SGALM:
         from checkpoint ``resume_step`` when given."""
         cfg = self.config
         two = cfg.sgalm.variant == "two_models"
+        if cfg.lora.enabled:
+            return self._build_lora_roles(ckpt, resume_step)
         if resume_step is None:
             model = build_model(cfg.model, mesh=self.mesh, seed=cfg.seed)
         else:
@@ -431,18 +439,50 @@ class SGALM:
         self.graphdef = graphdef
         return roles, meta
 
+    def _build_lora_roles(self, ckpt: Checkpointer, resume_step: int | None
+                          ) -> tuple[Roles, dict[str, Any]]:
+        """LoRA: one frozen ``base``; ``model`` (adapters on it, reached as generator and
+        discriminator), or for ``two_models`` two adapter sets on the same base (D's adapters from
+        another seed; with B = 0 both start as the base model, as D starts as a copy of G)."""
+        from sgalm_jax.models.lora import split_adapters
+        from sgalm_jax.training.lora_setup import LoraSetup
+
+        cfg = self.config
+        two = cfg.sgalm.variant == "two_models"
+        self.lora = LoraSetup(cfg, self.mesh, self.mcfg)
+        own, _ = split_adapters(self.lora.abstract)
+        n_g = int(cfg.sgalm.iterations) * self.rounds * (self.steps_g if two else
+                                                         self.steps_d + self.steps_g)
+        n_d = int(cfg.sgalm.iterations) * self.rounds * self.steps_d
+        self.tx_g, self.lr_g = make_optimizer(cfg.optimizer, num_steps=max(n_g, 1), params=own)
+        self.tx_d, self.lr_d = (make_optimizer(cfg.optimizer, num_steps=max(n_d, 1), params=own)
+                                if two else (self.tx_g, self.lr_g))
+        roles = Roles(self.mesh)
+        self.lora.declare_base(roles)
+        if two:
+            self.lora.learner(roles, "generator", self.tx_g, schedule=self.lr_g, seed=cfg.seed)
+            self.lora.learner(roles, "discriminator", self.tx_d, schedule=self.lr_d,
+                              seed=cfg.seed + 1)
+        else:
+            self.lora.learner(roles, "model", self.tx_g, schedule=self.lr_g, seed=cfg.seed)
+            roles.alias("generator", "model")
+            roles.alias("discriminator", "model")
+        meta = roles.build(ckpt, resume_step)
+        self.graphdef = self.lora.graphdef
+        return roles, meta
+
     def make_steps(self, roles: Roles) -> None:
         """The D step (on the discriminator role) and the G step (on the generator role)."""
         cfg = self.config
         gen, disc = roles["generator"], roles["discriminator"]
-        trainable = (trainable_mask(gen.params, cfg.optimizer.freeze)
+        trainable = (trainable_mask(gen.own_params, cfg.optimizer.freeze)
                      if cfg.optimizer.freeze else None)
         common = dict(grad_accum_steps=cfg.train.grad_accum_steps,
                       compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
                       skip_nonfinite=cfg.train.nonfinite == "skip")
         labels = self.data.labels
         disc.add_step("d", make_d_loss(self.graphdef, labels), **common)
-        extra = (disc.shardings.params,) if self.gen_opts.reward_source == "separate" else ()
+        extra = (disc.model_shardings(),) if self.gen_opts.reward_source == "separate" else ()
         gen.add_step("g", make_g_loss(self.graphdef, labels, self.gen_opts),
                      extra_shardings=extra, **common)
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
@@ -584,7 +624,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             bar_keys=("d_loss", "d_acc", "g_loss")) as writer:
         while t < iterations and not preempted:
             path = samples_path(workdir, t)
-            resumed = os.path.exists(path)
+            resumed = mh.exists(path)  # process 0's view: every process takes one branch
             if resumed:
                 samples = load_samples(path)
                 log.info("iteration %d: reusing the %d samples of %s", t, len(samples), path)
@@ -666,13 +706,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         from sgalm_jax.models import save_pretrained
 
         export_dir = os.path.join(workdir, "export")
-        save_pretrained(gen.model(), export_dir,
+        save_pretrained(gen.model(), export_dir,  # LoRA: merged weights
                         tokenizer=algo.tokenizer, dtype=config.checkpoint.export_dtype or None)
         out["export"] = export_dir
+        if algo.lora is not None:
+            out["export_adapter"] = algo.lora.export_adapter(
+                gen.model(), os.path.join(workdir, "export_adapter"))
         if not roles.same("generator", "discriminator"):
             save_pretrained(disc.model(),
                             os.path.join(workdir, "export_discriminator"),
                             tokenizer=algo.tokenizer,
                             dtype=config.checkpoint.export_dtype or None)
+            if algo.lora is not None:
+                algo.lora.export_adapter(disc.model(),
+                                         os.path.join(workdir, "export_discriminator_adapter"))
         log.info("exported the generator in HF format to %s", export_dir)
     return out

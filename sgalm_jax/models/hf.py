@@ -33,6 +33,7 @@ from safetensors.numpy import save_file
 from sgalm_jax.errors import CheckpointError
 from sgalm_jax.fileio import apply_umask, describe_os_error, make_temp_dir
 from sgalm_jax.models.config import ModelConfig, dtype_name, resolve_dtype
+from sgalm_jax.models.lora import adapter_modules, merged_kernel
 from sgalm_jax.models.transformer import CausalLM
 from sgalm_jax.models.score import DEFAULT_HEAD_STD, ScoreModel, init_head_kernel
 
@@ -382,7 +383,9 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
                     dtype: Any = None, max_shard_size: int | str = "5GB") -> None:
     """Write ``config.json`` + safetensors (sharded past ``max_shard_size``) that transformers loads.
 
-    The files are written to a temporary directory beside ``path`` and moved into place only when
+    A model with LoRA adapters is written merged (each adapted kernel as ``W + scale * A @ B``,
+    computed on the host one tensor at a time); :func:`sgalm_jax.models.peft.save_peft_adapter`
+    writes the adapters alone. The files are written to a temporary directory beside ``path`` and moved into place only when
     complete, so an interrupted export never leaves a half-written checkpoint. ``dtype`` casts the
     weights (default: their own dtype). ``tokenizer`` is saved alongside when given.
     """
@@ -430,6 +433,18 @@ def _save(model: nnx.Module, path: str, table: dict[str, tuple[tuple[Any, ...], 
     out_dtype = resolve_dtype(dtype) if dtype is not None else config.param_dtype
     limit = parse_size(max_shard_size)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    # LoRA: adapted kernels are exported merged (the adapters' own leaves are not HF tensors).
+    scales = {tuple(int(p) if p.isdigit() else p for p in path.split("/")): m.scale
+              for path, m in adapter_modules(model).items()}
+
+    def host_value(our_path: tuple[Any, ...]) -> np.ndarray:
+        value = _host_array(flat[our_path].get_value())
+        module = our_path[:-1]
+        if our_path[-1] == "kernel" and module in scales:
+            value = merged_kernel(value, _host_array(flat[(*module, "lora", "a")].get_value()),
+                                  _host_array(flat[(*module, "lora", "b")].get_value()),
+                                  scales[module])
+        return value
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
@@ -452,7 +467,7 @@ def _save(model: nnx.Module, path: str, table: dict[str, tuple[tuple[Any, ...], 
             tensors = {}
             for name in names:
                 our_path, transpose = table[name]
-                array = _host_array(flat[our_path].get_value()).astype(out_dtype)
+                array = host_value(our_path).astype(out_dtype)
                 tensors[name] = np.ascontiguousarray(array.T if transpose else array)
                 weight_map[name] = fname
             if jax.process_index() == 0:

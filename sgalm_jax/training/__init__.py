@@ -13,7 +13,8 @@ Typical use (what ``sgalm_jax.algorithms.sft`` does)::
 
 Algorithms with several models (a generator and a discriminator, a policy and its KL reference)
 declare them as :class:`Roles` (``training/roles.py``): named learners and frozen models, their
-train steps, and one checkpoint for all of them.
+train steps, and one checkpoint for all of them. With ``lora.enabled`` the roles are LoRA adapter
+sets on one shared frozen base (``training/lora_setup.py``, docs/lora.md).
 """
 
 from sgalm_jax.training.checkpoint import Checkpointer, PreemptionGuard, inject_fault
@@ -29,6 +30,7 @@ from sgalm_jax.training.optimizers import (
     trainable_mask,
 )
 from sgalm_jax.training.roles import Role, Roles, copy_params
+from sgalm_jax.training import lora_setup  # noqa: F401  (registers the `lora` config section)
 from sgalm_jax.training.state import (
     TrainState,
     abstract_like,

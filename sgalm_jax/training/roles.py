@@ -17,6 +17,16 @@ is ``model``, reached as ``generator`` and ``discriminator``, with one optimizer
 steps; its ``two_models`` variant declares two learners of the same graph instead. Roles may have
 different graphs: GAD's discriminator is a backbone plus a scalar head, its student a causal LM.
 
+**Roles on a shared frozen base** (LoRA, :mod:`sgalm_jax.models.lora`). A learner or frozen role
+declared with ``base="base"`` (a frozen role) stores and trains only its *own* params: those of its
+graph that the base does not hold (LoRA adapters, a scorer's head). Its model is the base's arrays
+(the paths its graph shares with the base, e.g. a scorer's body from a causal LM base) joined with
+its own, without a copy: inside a train step the base goes in as a non-differentiated argument, so
+gradients and optimizer state exist for the own params alone. Several roles on one base hold the
+base once: SGALM's ``two_models`` as two adapter sets, GAD's discriminator as adapters plus a head,
+a KL reference as a view of the base itself (the adapters switched off). A snapshot of such a role
+copies its own params only.
+
 A run declares its roles, then :meth:`Roles.build` either initialises them (each role's ``init``
 function gives its first params, in declaration order, so one role may start as a copy of
 another) or restores every saved role from one Orbax checkpoint. :meth:`Roles.save` writes every
@@ -27,7 +37,8 @@ saved role into one checkpoint, atomically, with the loop's metadata and a manif
 ``model.path``, which the run reads anyway).
 
 Checkpoint layout: ``{role name: TrainState.to_dict()}`` for learners and ``{role name: {"params":
-...}}`` for saved frozen roles; aliases and views are not stored.
+...}}`` for saved frozen roles; aliases and views are not stored; a role on a base stores its own
+params only (a base read from ``model.path`` is declared ``saved=False`` and read again on resume).
 
 Typical use (what ``sgalm_jax.algorithms.grpo`` does)::
 
@@ -38,6 +49,12 @@ Typical use (what ``sgalm_jax.algorithms.grpo`` does)::
     roles["policy"].add_step("grpo", loss_fn, grad_accum_steps=2, extra_shardings=...)
     metrics = roles["policy"].step("grpo", batch)          # updates the policy's state in place
     roles.save(ckpt, step, {"rollout": r})                 # one checkpoint for every role
+
+With LoRA (what the algorithms do when ``lora.enabled``)::
+
+    roles.frozen("base", base_graphdef, base_params, saved=False, init=load_base)
+    roles.learner("policy", lora_graphdef, lora_params, tx, base="base", init=fresh_adapters)
+    roles.view("reference", of="base")                     # the base alone: adapters off
 """
 
 from __future__ import annotations
@@ -54,6 +71,7 @@ from jax.sharding import Mesh
 
 from sgalm_jax import sharding as sh
 from sgalm_jax.errors import CheckpointError
+from sgalm_jax.models.lora import dropout_rng
 from sgalm_jax.training.checkpoint import Checkpointer
 from sgalm_jax.training.state import (
     TrainState,
@@ -77,6 +95,23 @@ def copy_params(params: Any, shardings: Any = None) -> Any:
     return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
 
 
+def _flat(state: Any) -> dict[tuple[Any, ...], Any]:
+    return dict(nnx.to_flat_state(state))
+
+
+def join_params(base: Any, own: Any, base_paths: Sequence[tuple[Any, ...]]) -> nnx.State:
+    """One params state from a base's ``base_paths`` and a role's own params (no copy; works on
+    arrays, tracers and shardings alike)."""
+    flat = _flat(base)
+    return nnx.from_flat_state({**{p: flat[p] for p in base_paths}, **_flat(own)})
+
+
+def base_part(base: Any, base_paths: Sequence[tuple[Any, ...]]) -> nnx.State:
+    """The part of a base's params (or shardings) that a role on it reads."""
+    flat = _flat(base)
+    return nnx.from_flat_state({p: flat[p] for p in base_paths})
+
+
 @dataclasses.dataclass(eq=False)
 class Role:
     """One named learner, frozen model or view (see the module docstring).
@@ -89,6 +124,10 @@ class Role:
       optimizer, schedule: the learner's optax transformation and learning-rate schedule.
       seed: seed of the learner's RNG (its train state's ``rng``).
       saved: whether :meth:`Roles.save` stores this role (views never are).
+      base, base_paths: the frozen role whose params this role's model reads at ``base_paths``
+        (roles on a shared base, e.g. LoRA adapters); None for a self-contained role.
+      abstract_params, params_shardings: shapes and shardings of the role's own params (what it
+        trains or holds; with a base, only the paths the base does not hold).
       state: the learner's :class:`TrainState` (None before :meth:`Roles.build`, and for others).
       shardings: the learner's TrainState of shardings; a frozen role's params shardings.
     """
@@ -106,6 +145,8 @@ class Role:
     init: Callable[[], Any] | None = None
     rebuild: Callable[[], Any] | None = None
     source: "Role | None" = None
+    base: "Role | None" = None
+    base_paths: tuple[tuple[Any, ...], ...] = ()
     state: TrainState | None = None
     shardings: Any = None
     frozen_params: Any = None
@@ -118,14 +159,39 @@ class Role:
 
     @property
     def params(self) -> Any:
-        """The current params (a learner's ``state.params``; a view's source's)."""
+        """The current params of the role's model (what :meth:`model` merges): a learner's
+        ``state.params`` or a frozen role's, joined with its base's when it has one; a view's
+        source's."""
         if self.kind == VIEW:
             return self.source.params
+        own = self.own_params
+        if self.base is None:
+            return own
+        return join_params(self.base.params, own, self.base_paths)
+
+    @property
+    def own_params(self) -> Any:
+        """What this role trains or holds itself: a learner's ``state.params``, a frozen role's
+        params (without its base's). Train-step options such as ``trainable`` masks follow it."""
+        if self.kind == VIEW:
+            return self.source.own_params
         if self.kind == LEARNER:
             if self.state is None:
                 raise CheckpointError(f"role {self.name!r}: not built yet (call Roles.build)")
             return self.state.params
         return self.frozen_params
+
+    def model_shardings(self) -> Any:
+        """Shardings of :attr:`params` (e.g. ``extra_shardings`` of a step that reads this
+        role's model)."""
+        if self.kind == VIEW:
+            return self.source.model_shardings()
+        if self.base is None:
+            return self.params_shardings
+        return join_params(self.base.params_shardings, self.params_shardings, self.base_paths)
+
+    def _base_part(self) -> Any:
+        return base_part(self.base.params, self.base_paths)
 
     @property
     def step_count(self) -> int:
@@ -163,7 +229,7 @@ class Role:
         self.set_optimizer(optimizer, schedule)
         if seed is not None:
             self.seed = int(seed)
-        state, shardings = create_train_state(self.params, optimizer, seed=self.seed,
+        state, shardings = create_train_state(self.own_params, optimizer, seed=self.seed,
                                               mesh=self.mesh,
                                               params_shardings=self.params_shardings)
         self.state, self.shardings = state, shardings
@@ -176,6 +242,12 @@ class Role:
         ``compute_dtype``, ``trainable``, ``extra_shardings``, ``batch_shardings``, ...); the
         optimizer, mesh, state shardings and learning-rate metric are this role's. An existing
         step of that name is kept (``replace=False``), so loops may call this every iteration.
+
+        ``loss_fn`` always receives the params of the role's whole model (:attr:`params`). For a
+        role on a base, the step differentiates only the own params: the base's part is passed
+        in as the step's first extra argument (not differentiated, not donated) and joined
+        inside the trace. LoRA dropout is on inside the loss (keyed by the step's ``rng``);
+        ``trainable`` and ``compute_dtype`` apply to the own params.
         """
         self._require_learner("train steps")
         if name in self.steps and not replace:
@@ -183,7 +255,20 @@ class Role:
         if self.state is None:
             raise CheckpointError(f"role {self.name!r}: build the roles before adding steps")
         options.setdefault("learning_rate", self.schedule)
-        self.steps[name] = make_train_step(loss_fn, self.optimizer, mesh=self.mesh,
+        if self.base is None:
+            def with_dropout(params, batch, rng, *extra):
+                with dropout_rng(jax.random.fold_in(rng, _DROPOUT_STREAM)):
+                    return loss_fn(params, batch, rng, *extra)
+        else:
+            paths = self.base_paths
+            options["extra_shardings"] = (base_part(self.base.params_shardings, paths),
+                                          *options.get("extra_shardings", ()))
+
+            def with_dropout(own, batch, rng, base, *extra):
+                params = join_params(base, own, paths)
+                with dropout_rng(jax.random.fold_in(rng, _DROPOUT_STREAM)):
+                    return loss_fn(params, batch, rng, *extra)
+        self.steps[name] = make_train_step(with_dropout, self.optimizer, mesh=self.mesh,
                                            state_shardings=self.shardings, **options)
         return self.steps[name]
 
@@ -191,6 +276,8 @@ class Role:
         """Run train step ``name`` on ``batch``; this role's state becomes the new one (the old
         buffers are donated). Returns the step's metrics (on device)."""
         self._require_learner("train steps")
+        if self.base is not None:
+            extra = (self._base_part(), *extra)
         self.state, metrics = self.steps[name](self.state, batch, *extra)
         return metrics
 
@@ -224,6 +311,8 @@ class Role:
         if fn is None:
             raise CheckpointError(f"role {self.name!r}: no init function and nothing to restore")
         params = fn()
+        if self.base is not None:
+            params = self._own_of(params)
         if self.is_learner:
             state, shardings = create_train_state(params, self.optimizer, seed=self.seed,
                                                   mesh=self.mesh,
@@ -233,6 +322,22 @@ class Role:
             if self.mesh is not None:
                 params = jax.device_put(params, self.params_shardings)
             self.frozen_params = params
+
+    def _own_of(self, params: Any) -> Any:
+        """The own part of ``params`` (an init may return the whole model's params)."""
+        want = _flat(self.abstract_params)
+        flat = _flat(params)
+        missing = sorted(set(want) - set(flat))
+        if missing:
+            raise CheckpointError(f"role {self.name!r}: its init gave no "
+                                  f"{'/'.join(map(str, missing[0]))}")
+        if len(flat) == len(want):
+            return params
+        return nnx.from_flat_state({p: flat[p] for p in want})
+
+
+# Folded into a step's key for LoRA dropout, so its masks are independent of the loss's own draws.
+_DROPOUT_STREAM = 0x10A
 
 
 def _check_manifest(ckpt: Checkpointer, step: int, stored: Any, names: list[str]) -> None:
@@ -263,29 +368,65 @@ class Roles:
             return given
         return sh.state_shardings(params, self.mesh)
 
+    def _on_base(self, name: str, base: str | None, params: Any
+                 ) -> tuple[Any, Role | None, tuple[tuple[Any, ...], ...]]:
+        """(own params, base role, base paths) of a role declared with ``base``."""
+        if base is None:
+            return params, None, ()
+        b = self[base]
+        if b.kind != FROZEN or b.base is not None:
+            raise ValueError(f"role {name!r}: base {base!r} must be a frozen role without a "
+                             "base of its own")
+        full, held = _flat(params), _flat(b.abstract_params)
+        paths = tuple(p for p in full if p in held)
+        for p in paths:
+            if tuple(full[p].shape) != tuple(held[p].shape):
+                raise ValueError(f"role {name!r}: {'/'.join(map(str, p))} has shape "
+                                 f"{tuple(full[p].shape)}, base {base!r} holds "
+                                 f"{tuple(held[p].shape)}")
+        own = {p: v for p, v in full.items() if p not in held}
+        if not paths or not own:
+            raise ValueError(f"role {name!r}: its params share {len(paths)} paths with base "
+                             f"{base!r} and have {len(own)} of their own; a role on a base "
+                             "needs both (e.g. the base's body plus LoRA adapters)")
+        return nnx.from_flat_state(own), b, paths
+
     def learner(self, name: str, graphdef: Any, params: Any,
                 optimizer: optax.GradientTransformation, *,
                 schedule: Callable[[Any], Any] | float | None = None, seed: int = 0,
-                init: Callable[[], Any] | None = None, params_shardings: Any = None) -> Role:
+                init: Callable[[], Any] | None = None, params_shardings: Any = None,
+                base: str | None = None) -> Role:
         """Declare a learner. ``params``: its params or only their shapes (``ShapeDtypeStruct``
         leaves, e.g. from ``nnx.eval_shape``); ``init()`` gives the first params when the run
-        does not resume (default: ``params`` themselves)."""
+        does not resume (default: ``params`` themselves).
+
+        ``base``: a frozen role this learner's model shares. ``params`` are then the whole
+        model's (real or abstract); the paths the base holds come from the base, the rest (e.g.
+        LoRA adapters, a head) are the learner's own: trained, with optimizer state, and saved.
+        ``init()`` may return the own params or the whole model's; ``params_shardings`` are the
+        own params' shardings.
+        """
+        own, b, paths = self._on_base(name, base, params)
         return self._add(Role(
             name=name, kind=LEARNER, graphdef=graphdef, mesh=self.mesh,
-            abstract_params=_abstract(params),
-            params_shardings=self._shardings(params, params_shardings), optimizer=optimizer,
-            schedule=schedule, seed=int(seed), init=init if init is not None else (lambda: params)))
+            abstract_params=_abstract(own),
+            params_shardings=self._shardings(own, params_shardings), optimizer=optimizer,
+            schedule=schedule, seed=int(seed), init=init if init is not None else (lambda: own),
+            base=b, base_paths=paths))
 
     def frozen(self, name: str, graphdef: Any, params: Any, *, saved: bool = True,
                init: Callable[[], Any] | None = None, rebuild: Callable[[], Any] | None = None,
-               params_shardings: Any = None) -> Role:
+               params_shardings: Any = None, base: str | None = None) -> Role:
         """Declare a frozen model (no optimizer state, no steps). ``saved=False``: not stored in
-        checkpoints; a resumed run calls ``rebuild`` (default ``init``) for it."""
+        checkpoints; a resumed run calls ``rebuild`` (default ``init``) for it. ``base``: as for
+        :meth:`learner` (e.g. frozen adapters on a shared base)."""
+        own, b, paths = self._on_base(name, base, params)
         return self._add(Role(
             name=name, kind=FROZEN, graphdef=graphdef, mesh=self.mesh,
-            abstract_params=_abstract(params),
-            params_shardings=self._shardings(params, params_shardings), saved=bool(saved),
-            init=init if init is not None else (lambda: params), rebuild=rebuild))
+            abstract_params=_abstract(own),
+            params_shardings=self._shardings(own, params_shardings), saved=bool(saved),
+            init=init if init is not None else (lambda: own), rebuild=rebuild, base=b,
+            base_paths=paths))
 
     def snapshot(self, name: str, of: str, *, saved: bool = True,
                  rebuild: Callable[[], Any] | None = None) -> Role:
@@ -293,13 +434,19 @@ class Roles:
         (declare it after ``of``): e.g. a KL reference that is the stage's start model. A saved
         snapshot is restored with the other roles; an unsaved one (``saved=False``) needs
         ``rebuild`` to make it again on resume, since ``of`` has moved on by then (e.g. reload
-        the start checkpoint)."""
+        the start checkpoint). A snapshot of a role on a base copies only its own params (LoRA
+        adapters, a head) and reads the same base."""
         src = self[of]
         if not saved and rebuild is None:
             raise ValueError(f"role {name!r}: an unsaved snapshot needs rebuild= for resuming")
-        return self.frozen(name, src.graphdef, src.abstract_params, saved=saved,
+        if src.kind == VIEW:
+            raise ValueError(f"role {name!r}: snapshot the role {src.source.name!r} itself, "
+                             f"not its view {of!r}")
+        role = self.frozen(name, src.graphdef, src.abstract_params, saved=saved,
                            params_shardings=src.params_shardings, rebuild=rebuild,
-                           init=lambda: copy_params(self[of].params, src.params_shardings))
+                           init=lambda: copy_params(self[of].own_params, src.params_shardings))
+        role.base, role.base_paths = src.base, src.base_paths
+        return role
 
     def view(self, name: str, of: str) -> Role:
         """Declare ``name`` as a read-only view of role ``of``'s current params (no copy; never
@@ -342,8 +489,14 @@ class Roles:
 
     # ---------------------------------------------------------------- build / save
     def manifest(self) -> dict[str, dict[str, Any]]:
-        """``{name: {"kind": ..., "step": ...}}`` of the saved roles (stored in ``meta``)."""
-        return {r.name: {"kind": r.kind, "step": r.step_count} for r in self.saved_roles()}
+        """``{name: {"kind": ..., "step": ...[, "base": ...]}}`` of the saved roles (stored in
+        ``meta``)."""
+        out = {}
+        for r in self.saved_roles():
+            out[r.name] = {"kind": r.kind, "step": r.step_count}
+            if r.base is not None:
+                out[r.name]["base"] = r.base.name
+        return out
 
     def build(self, ckpt: Checkpointer | None = None, step: int | None = None, *,
               only: Sequence[str] | None = None) -> dict[str, Any]:
@@ -396,4 +549,4 @@ class Roles:
         return ckpt.save(step, self.checkpoint_state(), meta)
 
 
-__all__ = ["FROZEN", "LEARNER", "Role", "Roles", "VIEW", "copy_params"]
+__all__ = ["FROZEN", "LEARNER", "Role", "Roles", "VIEW", "base_part", "copy_params", "join_params"]
