@@ -54,6 +54,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from sgalm_jax import sharding as sh
 from sgalm_jax.algorithms.distill_data import (
     DISTILL_TASKS,
     load_distill_pool,
@@ -93,6 +94,7 @@ from sgalm_jax.training import (
     split_model,
     trainable_mask,
 )
+from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import setup_run
 
@@ -487,7 +489,7 @@ class GAD:
         d_m = self.d_update(d_rows)
         if finite is not None:
             finite.add(s + 1, d_m, role="discriminator")
-        d_m = jax.device_get(d_m)
+        d_m = sh.to_host(d_m)
         t2 = time.perf_counter()
         times["time/d_update"] = t2 - t1
         record.update({k: float(d_m[k]) for k in ("d_loss", "d_acc", "margin")})
@@ -502,7 +504,7 @@ class GAD:
                 g_m = self.roles["student"].step("sft", rows)
                 if finite is not None:
                     finite.add(s + 1, g_m, role="student")
-                g_m = jax.device_get(g_m)
+                g_m = sh.to_host(g_m)
                 record.update(sft_loss=float(g_m["loss"]), g_grad_norm=float(g_m["grad_norm"]),
                               g_learning_rate=float(g_m.get("learning_rate", np.nan)))
             times["time/g_update"] = time.perf_counter() - t2
@@ -566,12 +568,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                     history.append(result)
                     last = writer.write(step, {f"eval/{k}": v for k, v in result.items()
                                                if k != "step"})
-                    early = algo.evaluator.should_stop()
+                    # Agreed: a judge that is an external service may answer each process
+                    # differently, and both the export below and stopping are collective.
+                    early = mh.broadcast_from_main(bool(algo.evaluator.should_stop()))
                 algo.roles.save(ckpt, step, {"stage": algo.stage, "step": step,
                                              "prompt_offset": algo.prompt_offset,
                                              "evals": history, "time": time.time()})
-                if algo.evaluator is not None and algo.evaluator.improved and g.export_best \
-                        and algo.is_main:
+                if algo.evaluator is not None and g.export_best and not stop and \
+                        mh.broadcast_from_main(bool(algo.evaluator.improved)):
+                    # Every process: the export gathers the sharded weights; process 0 writes.
                     algo.evaluator.export_best(algo.roles["student"].model(), algo.tokenizer)
             inject_fault(step)
             if stop or early:
@@ -588,7 +593,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     out = {**last, "preempted": False, "step": step, "early_stopped": early}
     if algo.evaluator is not None and algo.evaluator.best is not None:
         out["best"] = algo.evaluator.best
-    if config.checkpoint.export and algo.is_main:
+    if config.checkpoint.export:  # every process: the export gathers the sharded weights
         from sgalm_jax.models import save_pretrained, save_score_model
 
         export_dir = os.path.join(workdir, "export")

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sgalm_jax import sharding as sh
 from sgalm_jax.algorithms.distill_data import DistillPool, pad_rows
 from sgalm_jax.algorithms.grpo_data import Rollout
 from sgalm_jax.algorithms.grpo_update import to_global
@@ -102,7 +103,8 @@ class ScorePass:
             if short:
                 chunk = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
                          for k, v in chunk.items()}
-            out.append(np.asarray(jax.device_get(self._fn(params, to_global(chunk, self.mesh)))))
+            # Batch-sharded over every host's devices: gathered so each process gets every row.
+            out.append(sh.to_host(self._fn(params, to_global(chunk, self.mesh))))
         return np.concatenate(out)[:n]
 
 

@@ -12,7 +12,7 @@ Then the two workdirs are compared: every numeric metric of ``metrics.jsonl`` (l
 norms, diagnostics, evaluation scores; timings excluded) to float noise, generated samples exactly,
 the latest checkpoint's arrays and the exported HF weights to float noise, evaluation results.
 
-Adding an algorithm (GAD, ...) is one more :class:`Run` in ``CASES`` (its config file, small
+Adding an algorithm is one more :class:`Run` in ``CASES`` (its config file, small
 overrides, the files to compare), in a new :class:`Case` when it should be preempted (the step
 to preempt at). These runs are the expensive part of the suite (CI runs them too: ``slow`` only
 marks them).
@@ -108,6 +108,11 @@ SGALM_SMALL = PRETRAINED + SGD + DATA_2 + (
     # standardising them would blow float noise up to visible differences.
     "--config.sgalm.advantage=raw")
 
+# 8 prompts x 2 responses a step: the discriminator's groups are sharded over all 8 devices.
+GAD_SMALL = PRETRAINED + SGD + DATA_2 + (
+    "--config.data.max_examples=16", "--config.train.batch_size=16",
+    "--config.gad.num_generations=2", "--config.distill.max_response_tokens=16")
+
 CASES = [
     Case("sft_data_engine", preempt=3, runs=(
         Run("sft", "sft_tiny.py", (
@@ -158,6 +163,20 @@ CASES = [
             "--config.train.num_steps=4", "--config.grpo.max_new_tokens=16",
             "--config.data.max_examples=16"),
             samples=("rollouts/*.jsonl",)),
+    )),
+    # The GAD stage (no warmup: the student and a fresh-headed discriminator from the tiny
+    # checkpoint): sampling, the discriminator's scores as rewards, its Bradley-Terry step, the
+    # student's GRPO steps, evaluation at steps 2 and 4 (the preemption saves step 3, between
+    # them), the best student and both exports. Then 2 warmup steps (the student's SFT step).
+    Case("gad", preempt=2, runs=(
+        Run("gad", "gad_tiny.py", GAD_SMALL + (
+            "--config.gad.stage=gad", "--config.gad.eval_examples=4"),
+            samples=("rollouts/*.jsonl", "eval/*.json"),
+            exports=("export", "export_discriminator", "best")),
+        Run("gad_warmup", "gad_tiny.py", GAD_SMALL + (
+            "--config.gad.stage=warmup", "--config.train.num_steps=2",
+            "--config.gad.eval_examples=0"),
+            samples=("rollouts/*.jsonl",), exports=("export", "export_discriminator")),
     )),
 ]
 
