@@ -96,9 +96,11 @@ from sgalm_jax.training import (
 )
 from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.finite import FiniteGuard
+from sgalm_jax.training.lora_setup import mark_supported
 from sgalm_jax.training.run_setup import setup_run
 
 log = logging.getLogger(__name__)
+mark_supported("gad")  # lora.enabled: roles built with LoraSetup (gad_lora)
 
 STAGES = ("warmup", "gad")
 
@@ -194,6 +196,10 @@ def validate(config: Any) -> None:
 
     sft.validate(config)
     validate_distill(config)
+    if config.lora.enabled:
+        from sgalm_jax.algorithms import gad_lora
+
+        gad_lora.validate(config)
     g = config.gad
     if g.stage not in STAGES:
         raise ConfigError(f"gad.stage: {g.stage!r} is not one of {list(STAGES)}")
@@ -329,26 +335,42 @@ class GAD:
         from sgalm_jax.models import CausalLM, ScoreModel
 
         cfg, g = self.config, self.config.gad
-        self.g_graphdef, g_params = split_model(
-            nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0))))
-        d_mcfg, _ = self._d_config()
-        self.d_graphdef, d_params = split_model(
-            nnx.eval_shape(lambda: ScoreModel(d_mcfg, rngs=nnx.Rngs(0))))
         updates = self.num_steps * int(g.num_minibatches) * int(g.num_iterations)
-        tx_g, lr_g = make_optimizer(cfg.optimizer, num_steps=updates, params=g_params)
         d_opt = ml_collections.ConfigDict(cfg.optimizer.to_dict())
         d_opt.learning_rate = float(g.d_learning_rate or cfg.optimizer.learning_rate)
         d_opt.freeze = ""  # optimizer.freeze selects the student's params
-        tx_d, lr_d = make_optimizer(d_opt, num_steps=self.num_steps, params=d_params)
 
-        roles = self.roles = Roles(self.mesh)
-        roles.learner("student", self.g_graphdef, g_params, tx_g, schedule=lr_g, seed=cfg.seed,
-                      init=self._init_student)
-        roles.learner("discriminator", self.d_graphdef, d_params, tx_d, schedule=lr_d,
-                      seed=cfg.seed + 1, init=self._init_discriminator)
-        if self.stage == "gad" and self.opts.beta > 0:
-            # The stage's start model, stored with every checkpoint of the stage.
-            roles.snapshot("reference", of="student")
+        def g_optimizer(params: Any) -> Any:
+            return make_optimizer(cfg.optimizer, num_steps=updates, params=params)
+
+        def d_optimizer(params: Any) -> Any:
+            return make_optimizer(d_opt, num_steps=self.num_steps, params=params)
+
+        reference = self.stage == "gad" and self.opts.beta > 0
+        self.lora = None
+        if cfg.lora.enabled:  # adapter sets (and D's head) on one frozen base
+            from sgalm_jax.algorithms import gad_lora
+
+            roles, self.lora, self.g_graphdef, self.d_graphdef = gad_lora.declare_roles(
+                cfg, self.mesh, self.mcfg, make_g_optimizer=g_optimizer,
+                make_d_optimizer=d_optimizer, reference=reference)
+            self.roles = roles
+        else:
+            self.g_graphdef, g_params = split_model(
+                nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0))))
+            d_mcfg, _ = self._d_config()
+            self.d_graphdef, d_params = split_model(
+                nnx.eval_shape(lambda: ScoreModel(d_mcfg, rngs=nnx.Rngs(0))))
+            tx_g, lr_g = g_optimizer(g_params)
+            tx_d, lr_d = d_optimizer(d_params)
+            roles = self.roles = Roles(self.mesh)
+            roles.learner("student", self.g_graphdef, g_params, tx_g, schedule=lr_g,
+                          seed=cfg.seed, init=self._init_student)
+            roles.learner("discriminator", self.d_graphdef, d_params, tx_d, schedule=lr_d,
+                          seed=cfg.seed + 1, init=self._init_discriminator)
+            if reference:
+                # The stage's start model, stored with every checkpoint of the stage.
+                roles.snapshot("reference", of="student")
 
         if resume_step is not None:
             meta = roles.build(ckpt, resume_step)
@@ -383,7 +405,7 @@ class GAD:
         common = dict(compute_dtype=cfg.train.compute_dtype or None,
                       skip_nonfinite=cfg.train.nonfinite == "skip")
         student = roles["student"]
-        trainable = (trainable_mask(student.params, cfg.optimizer.freeze)
+        trainable = (trainable_mask(student.own_params, cfg.optimizer.freeze)
                      if cfg.optimizer.freeze else None)
         roles["discriminator"].add_step("bt", make_bt_loss(self.d_graphdef),
                                         grad_accum_steps=d_accum(cfg), **common)
@@ -606,4 +628,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         log.info("exported the student (HF causal LM) to %s and the discriminator (HF "
                  "*ForSequenceClassification) to %s", export_dir, d_dir)
         out["export"], out["export_discriminator"] = export_dir, d_dir
+        if algo.lora is not None:  # the merged exports above, and each adapter set in PEFT's
+            out["export_adapter"] = algo.lora.export_adapter(  # format (D: SEQ_CLS + its head)
+                algo.roles["student"].model(), os.path.join(workdir, "export_adapter"))
+            out["export_discriminator_adapter"] = algo.lora.export_adapter(
+                algo.roles["discriminator"].model(),
+                os.path.join(workdir, "export_discriminator_adapter"))
     return out
