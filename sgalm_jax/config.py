@@ -348,8 +348,9 @@ def _build(schema: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return out
 
 
-def load_config_file(name: str, relative_to: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of another config file, e.g. a variant that builds on its base experiment.
+def load_config_file(name: str, relative_to: str, *args: str) -> ml_collections.ConfigDict:
+    """``get_config(*args)`` of another config file, e.g. a variant that builds on its base
+    experiment (``args``: what ``file.py:arg`` would pass, e.g. a GAD stage).
 
     ``name`` is resolved next to ``relative_to`` (pass ``__file__``)::
 
@@ -363,7 +364,7 @@ def load_config_file(name: str, relative_to: str) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def base_config() -> ml_collections.ConfigDict:
