@@ -17,7 +17,24 @@ The paper's settings otherwise (256 prompts x 8 responses, temperature 0.8, k3 K
 AdamW, constant LR, clip-norm 0.2, 10 D-only steps) except the learning rate: 1e-5 for adapters
 (LoRA usually needs ~10x the full fine-tuning LR; the paper's 1e-6 is for full weights; untuned).
 
-MEMORY_TABLE
+Memory per device in GiB, COMPUTED (not compiled, not measured) by ``python -m sgalm_jax.tools.memory
+--config configs/gad_qwen3b_lmsys_lora.py:gad --arch=qwen2.5-3b --devices=N`` (GAD stage; role
+states exact for the shapes, dtypes and shardings; activations of the largest micro-batch, D's
+prompt groups of 9 rows x 3,584 tokens with full remat, and the sampler's KV cache of one
+generation batch are estimates):
+
+| hardware | role states, full | role states, LoRA | activations (est.) | KV cache (est.) | LoRA total |
+|---|---|---|---|---|---|
+| 1 x 80 GB GPU, with ``--config.gad.d_grad_accum_steps=256`` | 126.5 | 10.65 | 16.4 | 7.9 | 34.9: fits |
+| TPU v5e-8 (8 x 16 GB) | 15.8 | 1.33 | 14.4 | 1.0 | 16.7: does NOT fit |
+
+With LoRA the bf16 base (5.75 on one device) is held once for student, discriminator and
+reference; each adapter set is 119.7M params (fp32, + gradients with the fp32 accumulator, + AdamW
+moments), the reference a copy of the student's adapters. On a v5e-8 the paper's sequence lengths
+leave D's micro-batch activations (9 rows of 3,584 tokens per chip, dominated by one layer's fp32
+attention probabilities) too large: use the shorter sequences of configs/gad_llama8b_lmsys_lora.py
+(``--config.distill.max_prompt_tokens=1024 --config.distill.max_response_tokens=1024
+--config.data.max_length=2048 --config.gad.rollout_batch_size=32``), or 8 x 80 GB GPUs.
 """
 
 from sgalm_jax.config import load_config_file
