@@ -162,15 +162,17 @@ class CheckpointEval:
         atomic_write_json(path, {"metric": self.metric, **result, "samples": samples}, indent=2)
 
     def export_best(self, model: Any, tokenizer: Any) -> str:
-        """Write ``model`` (the best checkpoint's student) to ``workdir/best`` in HF format."""
+        """Write ``model`` (the best checkpoint's student) to ``workdir/best`` in HF format. Every
+        process calls it (the export gathers the sharded weights); process 0 writes."""
         from sgalm_jax.fileio import atomic_write_json
         from sgalm_jax.models import save_pretrained
 
         path = os.path.join(self.workdir, "best")
         save_pretrained(model, path, tokenizer=tokenizer,
                         dtype=self.config.checkpoint.export_dtype or None)
-        atomic_write_json(os.path.join(path, "gad_eval.json"),
-                          {"metric": self.metric, **self.best}, indent=2)
+        if jax.process_index() == 0:
+            atomic_write_json(os.path.join(path, "gad_eval.json"),
+                              {"metric": self.metric, **self.best}, indent=2)
         log.info("step %d is the best so far (%s %.4f): its student is in %s", self.best["step"],
                  self.metric, self.best[self.metric], path)
         return path
