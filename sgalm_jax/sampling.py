@@ -353,6 +353,7 @@ def _decode(graphdef, prog: _Program, state, ds: _DecodeState, temperature, top_
 
 # ---------------------------------------------------------------------------------- the sampler
 ENGINES = ("auto", "static", "continuous")
+PLACEMENTS = ("global", "host_local")
 
 def _find_mesh(state: Any) -> Mesh | None:
     """The mesh the params live on (None for single-device or unsharded params)."""
@@ -420,6 +421,12 @@ class Sampler:
         slot once (``num_slots / num_samples``).
       refill_min: the continuous engine returns to the host to refill slots once this many are
         free (default ``num_slots // 8``, at least 1).
+      placement: ``"global"`` (sample on the params' own mesh) or ``"host_local"`` (every host gets
+        a copy of the params on its own devices, laid out by ``local_mesh_shape``, and samples its
+        share of the prompts with the continuous engine; the rows are gathered in prompt order on
+        every host; see :mod:`sgalm_jax.sampling_placement`).
+      local_mesh_shape: the per-host sampling mesh of ``placement="host_local"`` (default
+        ``{"data": local devices}``: the params replicated on each device).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, *, cache_dtype: Any = None,
@@ -427,9 +434,12 @@ class Sampler:
                  max_batch_size: int | None = None, pad_token_id: int | None = None,
                  mesh: Mesh | None = None, compiler_options: Mapping[str, Any] | None = None,
                  engine: str = "auto", num_slots: int | None = None,
-                 prefill_chunk: int | None = None, refill_min: int | None = None):
+                 prefill_chunk: int | None = None, refill_min: int | None = None,
+                 placement: str = "global", local_mesh_shape: Mapping[str, int] | None = None):
         if engine not in ENGINES:
             raise ConfigError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"placement={placement!r}: expected one of {', '.join(PLACEMENTS)}")
         for name, v in (("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
                         ("refill_min", refill_min), ("max_batch_size", max_batch_size)):
             if v is not None and int(v) < 1:
@@ -448,6 +458,9 @@ class Sampler:
         self.num_slots = num_slots
         self.prefill_chunk = prefill_chunk
         self.refill_min = refill_min
+        self.placement = placement
+        self.local_mesh_shape = dict(local_mesh_shape) if local_mesh_shape else None
+        self._local_mesh = None
         self._programs: dict[tuple, tuple[Any, Any]] = {}
         self._continuous = None  # the ContinuousEngine, built on first use
 
@@ -531,17 +544,23 @@ class Sampler:
         mesh = self.mesh if self.mesh is not None else _find_mesh(state)
         if isinstance(rng, (int, np.integer)):
             rng = jax.random.key(int(rng))
-        if self.resolve_engine(len(limits), engine) == "continuous":
-            slots = self.num_slots or self.max_batch_size or min(len(limits), 64)
-            res = self.continuous_engine.run(
-                state, rows, limits, mode=mode, stop_ids=stop, pad_id=self.pad_token_id,
-                cache_dtype=self._resolve_cache_dtype(), num_samples=num_samples, rng=rng,
-                temperature=float(temperature), top_p=top_p, slots=int(slots),
-                prefill_chunk=self.prefill_chunk, refill_min=self.refill_min,
-                min_prompt_bucket=self.min_prompt_bucket, mesh=mesh)
-            return Generation(tokens=res.tokens, lengths=res.lengths, logprobs=res.logprobs,
-                              finished=res.finished,
-                              prompt_index=np.repeat(np.arange(len(rows)), num_samples),
+        if self.placement == "host_local" or self.resolve_engine(len(limits), engine) == "continuous":
+            kw = dict(mode=mode, stop_ids=stop, pad_id=self.pad_token_id,
+                      cache_dtype=self._resolve_cache_dtype(), num_samples=num_samples, rng=rng,
+                      temperature=float(temperature), top_p=top_p,
+                      slots=int(self.num_slots or self.max_batch_size or min(len(limits), 64)),
+                      prefill_chunk=self.prefill_chunk, refill_min=self.refill_min,
+                      min_prompt_bucket=self.min_prompt_bucket, width=int(limits.max()))
+            if self.placement == "host_local":
+                from sgalm_jax.sampling_placement import run_host_local
+
+                out = run_host_local(self.continuous_engine, state, rows, limits,
+                                     mesh=self.host_local_mesh(), **kw)
+            else:
+                res = self.continuous_engine.run(state, rows, limits, mesh=mesh, **kw)
+                out = dict(tokens=res.tokens, logprobs=res.logprobs, lengths=res.lengths,
+                           finished=res.finished)
+            return Generation(**out, prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                               num_samples=num_samples)
 
         dp = data_parallel_size(mesh) if mesh is not None else 1
@@ -563,6 +582,14 @@ class Sampler:
         return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=done,
                           prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                           num_samples=num_samples)
+
+    def host_local_mesh(self) -> Mesh:
+        """This host's sampling mesh for ``placement="host_local"``."""
+        if self._local_mesh is None:
+            from sgalm_jax.sampling_placement import local_mesh
+
+            self._local_mesh = local_mesh(self.local_mesh_shape)
+        return self._local_mesh
 
     def _generate_chunk(self, state, rows, mesh, dp, mode, stop, max_new, limits, temperature,
                         top_p, num_samples, key):
@@ -661,7 +688,8 @@ def _sampler_for(model: CausalLM, options: Mapping[str, Any]) -> tuple[Sampler, 
 
 
 _SAMPLER_OPTIONS = ("cache_dtype", "min_prompt_bucket", "min_batch_bucket", "max_batch_size",
-                    "pad_token_id", "mesh", "num_slots", "prefill_chunk", "refill_min")
+                    "pad_token_id", "mesh", "num_slots", "prefill_chunk", "refill_min", "placement",
+                    "local_mesh_shape")
 
 
 def generate(model: CausalLM, prompts: Any, *, max_new_tokens: int | Sequence[int],

@@ -32,6 +32,8 @@ Log-probs are ``log_softmax(raw logits)[token]``, as in the static sampler.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
@@ -85,7 +87,6 @@ class _EngineProgram:
     """Everything static about one engine compilation."""
 
     slots: int
-    chunk: int  # prompts per prefill
     prompt_len: int  # prompt bucket P
     width: int  # W: most new tokens of any row
     mode: _Mode
@@ -112,6 +113,21 @@ def _draw(keys: jax.Array, logits: jax.Array, mode: _Mode, temperature, top_p):
 
 
 # ------------------------------------------------------------------------------------ programs
+def _slot_shardings(config: ModelConfig, prog: _EngineProgram, mesh: Mesh | None):
+    """One fixed sharding for every field of :class:`_Slots` (slot axis over the batch axes), used
+    as the output sharding of init, insert and decode, so that each program sees the same input
+    shardings on every call and compiles once."""
+    if mesh is None:
+        return None
+    rows = NamedSharding(mesh, P(BATCH_AXES))
+    table = NamedSharding(mesh, P(BATCH_AXES, None))
+    kv = NamedSharding(mesh, _cache_spec(config, mesh, prog.slots, prog.cache_len))
+    layers = config.num_hidden_layers
+    return _Slots(cache=KVCache(k=(kv,) * layers, v=(kv,) * layers, valid=table, index=rows),
+                  last=rows, count=rows, limit=rows, active=rows, stopped=rows, keys=rows,
+                  tokens=table, logprobs=table)
+
+
 def _init(config: ModelConfig, prog: _EngineProgram, mesh: Mesh | None) -> _Slots:
     s, w = prog.slots, prog.width
     cache = KVCache.init(config, s, prog.cache_len, prog.cache_dtype)
@@ -217,6 +233,37 @@ def _decode(graphdef, prog: _EngineProgram, state, slots: _Slots, waiting, refil
     return jax.lax.while_loop(cond, body, slots)
 
 
+# ------------------------------------------------------------------------- compile accounting
+# XLA compilations are counted from JAX's compile events while an engine runs: a jitted function's
+# dispatch-cache size can hold two entries for one executable (seen with donated, sharded inputs),
+# and a count of programs should count programs.
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_PROGRAM_NAMES = ("_init", "_prefill", "_insert", "_decode")
+_active_counter: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
+    "sgalm_engine_compiles", default=None)
+
+
+def _on_duration_event(event: str, duration: float, **kwargs: Any) -> None:
+    if event != _COMPILE_EVENT:
+        return
+    counter = _active_counter.get()
+    name = str(kwargs.get("fun_name", ""))
+    if counter is not None and any(n in name for n in _PROGRAM_NAMES):
+        counter[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_on_duration_event)
+
+
+@contextlib.contextmanager
+def _counting(counter: list[int]):
+    token = _active_counter.set(counter)
+    try:
+        yield
+    finally:
+        _active_counter.reset(token)
+
+
 # ---------------------------------------------------------------------------------- the engine
 @dataclasses.dataclass
 class EngineResult:
@@ -238,8 +285,8 @@ def default_prefill_chunk(slots: int, num_samples: int, num_prompts: int, multip
 
 
 class ContinuousEngine:
-    """Compiled slot programs for one model graph, cached per (slots, chunk, prompt bucket, width,
-    sampling mode, stop ids).
+    """Compiled slot programs for one model graph, cached per (slots, prompt bucket, width, sampling
+    mode, stop ids); prefill and insert also compile once per prefill chunk size.
 
     Use it through :class:`sgalm_jax.sampling.Sampler` (``engine="continuous"``); :meth:`run` is
     the array-level entry point.
@@ -251,45 +298,54 @@ class ContinuousEngine:
         self.config = config
         self.compiler_options = dict(compiler_options) if compiler_options else None
         self._programs: dict[tuple, tuple[Any, ...]] = {}
+        self._compiles = [0]
 
     @property
     def num_compilations(self) -> int:
         """XLA programs compiled so far (init, prefill, insert and decode count separately)."""
-        return sum(f._cache_size() for progs in self._programs.values() for f in progs)
+        return self._compiles[0]
 
     @property
-    def shapes(self) -> list[tuple[int, int, int, int]]:
-        """The (slots, prefill chunk, prompt bucket, width) shapes compiled so far."""
-        return sorted({k[:4] for k in self._programs})
+    def shapes(self) -> list[tuple[int, int, int]]:
+        """The (slots, prompt bucket, width) shapes compiled so far (each jitted program also
+        compiles once per prefill chunk size it sees)."""
+        return sorted({k[:3] for k in self._programs})
 
     def _get_programs(self, prog: _EngineProgram, mesh: Mesh | None):
-        key = (prog.slots, prog.chunk, prog.prompt_len, prog.width, prog.mode, prog.stop_ids,
+        key = (prog.slots, prog.prompt_len, prog.width, prog.mode, prog.stop_ids,
                prog.pad_id, jnp.dtype(prog.cache_dtype).name, prog.head_nn, mesh)
         if key not in self._programs:
             opts = self.compiler_options
-            init = jax.jit(functools.partial(_init, self.config, prog, mesh),
+            out = _slot_shardings(self.config, prog, mesh)
+            init = jax.jit(functools.partial(_init, self.config, prog, mesh), out_shardings=out,
                            compiler_options=opts)
             prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh),
                               compiler_options=opts)
             insert = jax.jit(functools.partial(_insert, prog, mesh), donate_argnums=(0,),
-                             compiler_options=opts)
+                             out_shardings=out, compiler_options=opts)
             decode = jax.jit(functools.partial(_decode, self.graphdef, prog),
-                             donate_argnums=(1,), compiler_options=opts)
+                             donate_argnums=(1,), out_shardings=out, compiler_options=opts)
             self._programs[key] = (init, prefill, insert, decode)
         return self._programs[key]
 
-    def run(self, state: Any, prompts: Sequence[np.ndarray], limits: np.ndarray, *, mode: _Mode,
+    def run(self, *args: Any, **kwargs: Any) -> EngineResult:
+        """Generate every row of ``prompts`` x ``num_samples`` with ``slots`` slots (see
+        :meth:`_run` for the arguments), counting the programs it compiles."""
+        with _counting(self._compiles):
+            return self._run(*args, **kwargs)
+
+    def _run(self, state: Any, prompts: Sequence[np.ndarray], limits: np.ndarray, *, mode: _Mode,
             stop_ids: tuple[int, ...], pad_id: int, cache_dtype: Any, num_samples: int,
             rng: jax.Array, temperature: float, top_p: float | None, slots: int,
             prefill_chunk: int | None = None, refill_min: int | None = None,
             min_prompt_bucket: int = 16, mesh: Mesh | None = None,
-            row_offset: int = 0) -> EngineResult:
+            row_offset: int = 0, width: int | None = None) -> EngineResult:
         """Generate every row of ``prompts`` x ``num_samples`` with ``slots`` slots.
 
         ``limits`` [len(prompts) * num_samples]: each row's maximum new tokens (>= 1).
         ``row_offset`` shifts the row ids that seed each row's key (a host sampling a share of a
         larger workload passes the global index of its first row, so its samples equal those of a
-        single-host run).
+        single-host run). ``width``: the output width (default ``max(limits)``).
         """
         n_prompts, n = len(prompts), num_samples
         n_rows = n_prompts * n
@@ -297,13 +353,20 @@ class ContinuousEngine:
         if limits.shape != (n_rows,) or (limits < 1).any():
             raise ConfigError(f"limits: expected {n_rows} positive per-row maximum lengths, got "
                               f"shape {limits.shape} (min {limits.min() if limits.size else '-'})")
+        width = int(width or limits.max())
+        if width < limits.max():
+            raise ConfigError(f"width={width} is less than the longest row limit {limits.max()}")
+        if n_rows == 0:
+            return EngineResult(tokens=np.full((0, width), pad_id, np.int32),
+                                logprobs=np.zeros((0, width), np.float32),
+                                lengths=np.zeros((0,), np.int32), finished=np.zeros((0,), bool))
         dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES
                                                  if a in mesh.shape]))
         s = bucket_size(min(slots, n_rows), 1, dp)
         c = prefill_chunk or default_prefill_chunk(s, n, n_prompts, dp)
         c = bucket_size(c, 1, dp)
         t = bucket_size(max(p.size for p in prompts), min_prompt_bucket)
-        prog = _EngineProgram(slots=s, chunk=c, prompt_len=t, width=int(limits.max()), mode=mode,
+        prog = _EngineProgram(slots=s, prompt_len=t, width=width, mode=mode,
                               stop_ids=stop_ids, pad_id=pad_id, cache_dtype=cache_dtype,
                               head_nn=self.config.tie_word_embeddings
                               and jax.default_backend() == "cpu")
