@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.models import load_pretrained
@@ -191,22 +192,71 @@ def test_sampling_distribution_chi_square_small_vocab(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ sharding
-def test_sharded_over_8_devices_equals_one_device(qwen2, cont, hf_model_dir):
-    """Sampled rows (so the per-row keys too) on data=2, fsdp=2, tensor=2 equal one device's."""
+@pytest.fixture(scope="module")
+def sharded(hf_model_dir):
+    """The qwen2 model placed on a data=2, fsdp=2, tensor=2 mesh (the training layout)."""
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
     mesh = make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
-    sharded = load_pretrained(hf_model_dir("qwen2"), mesh=mesh)
-    g2, s2 = nnx.split(sharded)
+    model = load_pretrained(hf_model_dir("qwen2"), mesh=mesh)
+    return model, *nnx.split(model)
+
+
+def test_sharded_over_8_devices_equals_one_device(qwen2, cont, sharded):
+    """Sampled rows (so the per-row keys too) on data=2, fsdp=2, tensor=2 equal one device's."""
+    model, g2, s2 = sharded
     prompts, limits = _workload(n=6, seed=2)
     kw = dict(max_new_tokens=limits, rng=jax.random.key(0), **SAMPLED)
     want = cont.generate(qwen2[2], prompts, **kw)
-    sampler = Sampler(g2, sharded.config, engine="continuous", num_slots=SLOTS)
+    sampler = Sampler(g2, model.config, engine="continuous", num_slots=SLOTS)
     got = sampler.generate(s2, prompts, **kw)
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
     assert sampler.num_compilations == 4  # init, prefill, insert, decode
+
+
+def test_host_local_equals_global_and_simulated_hosts(qwen2, cont, sharded):
+    """placement="host_local" (single process): the params resharded from the training mesh onto
+    this host's sampling mesh give the global run's rows; three hosts played in turn, each with its
+    share of the prompts, give them too, in order."""
+    from sgalm_jax.sampling import _make_mode, row_limits
+    from sgalm_jax.sampling_placement import host_local_params, run_host_local
+
+    model, graphdef, state = sharded
+    prompts, limits = _workload(n=6, seed=2)
+    kw = dict(max_new_tokens=limits, rng=jax.random.key(0), **SAMPLED)
+    want = cont.generate(qwen2[2], prompts, **kw)
+
+    # This host's copy on a (data=4, tensor=2) mesh of its devices: fsdp dropped, tensor kept.
+    sampler = Sampler(graphdef, model.config, num_slots=SLOTS, placement="host_local",
+                      local_mesh_shape={"data": 4, "tensor": 2})
+    got = sampler.generate(state, prompts, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    local = host_local_params(state, sampler.host_local_mesh())
+    q = local["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
+    assert isinstance(q.sharding, NamedSharding) and q.sharding.spec == P(None, "tensor")
+    assert q.sharding.mesh.shape == {"data": 4, "fsdp": 1, "tensor": 2}
+    np.testing.assert_array_equal(
+        np.asarray(q), np.asarray(state["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+                                  .get_value()))
+
+    # Three "hosts" in turn, each sampling its share on its own copy: the same rows, in order.
+    rows = [np.asarray(p, np.int32) for p in prompts]
+    lims = row_limits(limits, len(prompts), SAMPLED["num_samples"])
+    shares = [run_host_local(
+        sampler.continuous_engine, state, rows, lims, mesh=sampler.host_local_mesh(),
+        process_index=h, process_count=3, gather=False, stop_ids=(),
+        mode=_make_mode(SAMPLED["temperature"], SAMPLED["top_k"], SAMPLED["top_p"]),
+        pad_id=sampler.pad_token_id, cache_dtype=model.config.dtype, num_samples=2,
+        rng=jax.random.key(0), temperature=0.8, top_p=0.9, slots=SLOTS,
+        width=int(lims.max())) for h in range(3)]
+    assert [len(s["lengths"]) for s in shares] == [4, 4, 4]
+    np.testing.assert_array_equal(np.concatenate([s["tokens"] for s in shares]), want.tokens)
+    np.testing.assert_array_equal(np.concatenate([s["lengths"] for s in shares]), want.lengths)
+    assert sampler.num_compilations == 4  # the played hosts reused the local programs
 
 
 # ------------------------------------------------------------------------------- the options
