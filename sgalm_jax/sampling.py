@@ -420,7 +420,10 @@ class Sampler:
       prefill_chunk: prompts per prefill of the continuous engine; default enough to fill every
         slot once (``num_slots / num_samples``).
       refill_min: the continuous engine returns to the host to refill slots once this many are
-        free (default ``num_slots // 8``, at least 1).
+        free (default ``num_slots // 32``, at least 1).
+      min_slots: once no row waits, the continuous engine moves its live rows to programs with
+        half as many slots whenever they fit, down to this many (default ``num_slots // 4``;
+        ``num_slots`` turns this off).
       placement: ``"global"`` (sample on the params' own mesh) or ``"host_local"`` (every host gets
         a copy of the params on its own devices, laid out by ``local_mesh_shape``, and samples its
         share of the prompts with the continuous engine; the rows are gathered in prompt order on
@@ -435,13 +438,14 @@ class Sampler:
                  mesh: Mesh | None = None, compiler_options: Mapping[str, Any] | None = None,
                  engine: str = "auto", num_slots: int | None = None,
                  prefill_chunk: int | None = None, refill_min: int | None = None,
-                 placement: str = "global", local_mesh_shape: Mapping[str, int] | None = None):
+                 min_slots: int | None = None, placement: str = "global", local_mesh_shape: Mapping[str, int] | None = None):
         if engine not in ENGINES:
             raise ConfigError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
         if placement not in PLACEMENTS:
             raise ConfigError(f"placement={placement!r}: expected one of {', '.join(PLACEMENTS)}")
         for name, v in (("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
-                        ("refill_min", refill_min), ("max_batch_size", max_batch_size)):
+                        ("refill_min", refill_min), ("min_slots", min_slots),
+                        ("max_batch_size", max_batch_size)):
             if v is not None and int(v) < 1:
                 raise ConfigError(f"{name}={v} must be >= 1 (or None)")
         self.graphdef = graphdef
@@ -458,6 +462,7 @@ class Sampler:
         self.num_slots = num_slots
         self.prefill_chunk = prefill_chunk
         self.refill_min = refill_min
+        self.min_slots = min_slots
         self.placement = placement
         self.local_mesh_shape = dict(local_mesh_shape) if local_mesh_shape else None
         self._local_mesh = None
@@ -550,6 +555,7 @@ class Sampler:
                       temperature=float(temperature), top_p=top_p,
                       slots=int(self.num_slots or self.max_batch_size or min(len(limits), 64)),
                       prefill_chunk=self.prefill_chunk, refill_min=self.refill_min,
+                      min_slots=self.min_slots,
                       min_prompt_bucket=self.min_prompt_bucket, width=int(limits.max()))
             if self.placement == "host_local":
                 from sgalm_jax.sampling_placement import run_host_local
@@ -688,8 +694,8 @@ def _sampler_for(model: CausalLM, options: Mapping[str, Any]) -> tuple[Sampler, 
 
 
 _SAMPLER_OPTIONS = ("cache_dtype", "min_prompt_bucket", "min_batch_bucket", "max_batch_size",
-                    "pad_token_id", "mesh", "num_slots", "prefill_chunk", "refill_min", "placement",
-                    "local_mesh_shape")
+                    "pad_token_id", "mesh", "num_slots", "prefill_chunk", "refill_min", "min_slots",
+                    "placement", "local_mesh_shape")
 
 
 def generate(model: CausalLM, prompts: Any, *, max_new_tokens: int | Sequence[int],

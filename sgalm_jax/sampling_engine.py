@@ -188,15 +188,18 @@ def _insert(prog: _EngineProgram, mesh: Mesh | None, slots: _Slots, stash: _Stas
     row_lps = jnp.zeros((a, prog.width), jnp.float32).at[:, 0].set(lp)
     return _Slots(cache=cache, last=scatter(slots.last, tok),
                   count=scatter(slots.count, jnp.ones_like(tok)),
-                  limit=scatter(slots.limit, limits), active=scatter(slots.active, ~stop & (limits > 1)),
+                  limit=scatter(slots.limit, limits),
+                  active=scatter(slots.active, ~stop & (limits > 1)),
                   stopped=scatter(slots.stopped, stop), keys=scatter(slots.keys, keys),
-                  tokens=scatter(slots.tokens, row_tokens), logprobs=scatter(slots.logprobs, row_lps))
+                  tokens=scatter(slots.tokens, row_tokens),
+                  logprobs=scatter(slots.logprobs, row_lps))
 
 
 def _decode(graphdef, prog: _EngineProgram, state, slots: _Slots, waiting, refill_min,
-            temperature, top_p) -> _Slots:
-    """Decode steps of every slot until all have stopped, or until ``refill_min`` slots are free
-    while ``waiting`` rows still need one."""
+            shrink_at, temperature, top_p) -> _Slots:
+    """Decode steps of every slot until all have stopped, until ``refill_min`` slots are free while
+    ``waiting`` rows still need one, or, with none waiting, until at most ``shrink_at`` slots are
+    live (the host then moves them to a smaller program; -1 = never)."""
     model: CausalLM = nnx.merge(graphdef, state)
     s = prog.slots
     ones = jnp.ones((s, 1), bool)
@@ -205,7 +208,9 @@ def _decode(graphdef, prog: _EngineProgram, state, slots: _Slots, waiting, refil
 
     def cond(x: _Slots):
         live = jnp.sum(x.active.astype(jnp.int32))
-        return (live > 0) & ~((waiting > 0) & (s - live >= refill_min))
+        refill = (waiting > 0) & (s - live >= refill_min)
+        shrink = (waiting == 0) & (live <= shrink_at)
+        return (live > 0) & ~refill & ~shrink
 
     def body(x: _Slots) -> _Slots:
         pos = x.cache.index
@@ -233,12 +238,18 @@ def _decode(graphdef, prog: _EngineProgram, state, slots: _Slots, waiting, refil
     return jax.lax.while_loop(cond, body, slots)
 
 
+def _compact(slots: _Slots, order) -> _Slots:
+    """The slots ``order`` [S'] of a larger slot state, as a state of ``S'`` slots (every field has
+    the slot axis first)."""
+    return jax.tree.map(lambda a: a[order], slots)
+
+
 # ------------------------------------------------------------------------- compile accounting
 # XLA compilations are counted from JAX's compile events while an engine runs: a jitted function's
 # dispatch-cache size can hold two entries for one executable (seen with donated, sharded inputs),
 # and a count of programs should count programs.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_PROGRAM_NAMES = ("_init", "_prefill", "_insert", "_decode")
+_PROGRAM_NAMES = ("_init", "_prefill", "_insert", "_decode", "_compact")
 _active_counter: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "sgalm_engine_compiles", default=None)
 
@@ -275,6 +286,7 @@ class EngineResult:
     finished: np.ndarray  # [R] bool: ended on a stop token
     decode_calls: int = 0  # decode programs run (host round trips)
     prefills: int = 0
+    slot_sizes: tuple[int, ...] = ()  # the slot counts decoded with (shrinking in the tail)
 
 
 def default_prefill_chunk(slots: int, num_samples: int, num_prompts: int, multiple: int = 1) -> int:
@@ -299,6 +311,7 @@ class ContinuousEngine:
         self.compiler_options = dict(compiler_options) if compiler_options else None
         self._programs: dict[tuple, tuple[Any, ...]] = {}
         self._compiles = [0]
+        self.last_run: dict[str, Any] = {}  # decode calls, prefills, slot sizes of the last run
 
     @property
     def num_compilations(self) -> int:
@@ -325,27 +338,36 @@ class ContinuousEngine:
                              out_shardings=out, compiler_options=opts)
             decode = jax.jit(functools.partial(_decode, self.graphdef, prog),
                              donate_argnums=(1,), out_shardings=out, compiler_options=opts)
-            self._programs[key] = (init, prefill, insert, decode)
+            compact = jax.jit(_compact, out_shardings=out, compiler_options=opts)
+            self._programs[key] = (init, prefill, insert, decode, compact)
         return self._programs[key]
 
     def run(self, *args: Any, **kwargs: Any) -> EngineResult:
         """Generate every row of ``prompts`` x ``num_samples`` with ``slots`` slots (see
         :meth:`_run` for the arguments), counting the programs it compiles."""
         with _counting(self._compiles):
-            return self._run(*args, **kwargs)
+            res = self._run(*args, **kwargs)
+        self.last_run = dict(decode_calls=res.decode_calls, prefills=res.prefills,
+                             slot_sizes=res.slot_sizes)
+        return res
 
     def _run(self, state: Any, prompts: Sequence[np.ndarray], limits: np.ndarray, *, mode: _Mode,
-            stop_ids: tuple[int, ...], pad_id: int, cache_dtype: Any, num_samples: int,
-            rng: jax.Array, temperature: float, top_p: float | None, slots: int,
-            prefill_chunk: int | None = None, refill_min: int | None = None,
-            min_prompt_bucket: int = 16, mesh: Mesh | None = None,
-            row_offset: int = 0, width: int | None = None) -> EngineResult:
+             stop_ids: tuple[int, ...], pad_id: int, cache_dtype: Any, num_samples: int,
+             rng: jax.Array, temperature: float, top_p: float | None, slots: int,
+             prefill_chunk: int | None = None, refill_min: int | None = None,
+             min_slots: int | None = None, min_prompt_bucket: int = 16,
+             mesh: Mesh | None = None, row_offset: int = 0,
+             width: int | None = None) -> EngineResult:
         """Generate every row of ``prompts`` x ``num_samples`` with ``slots`` slots.
 
         ``limits`` [len(prompts) * num_samples]: each row's maximum new tokens (>= 1).
-        ``row_offset`` shifts the row ids that seed each row's key (a host sampling a share of a
-        larger workload passes the global index of its first row, so its samples equal those of a
-        single-host run). ``width``: the output width (default ``max(limits)``).
+        ``refill_min``: return to the host to refill once this many slots are free (default
+        ``slots // 32``, at least 1). ``min_slots``: once no row is waiting, the live rows move to
+        programs of half as many slots whenever they fit, down to this many (default
+        ``slots // 4``; ``slots`` turns shrinking off). ``row_offset`` shifts the row ids that seed
+        each row's key (a host sampling a share of a larger workload passes the global index of its
+        first row, so its samples equal those of a single-host run). ``width``: the output width
+        (default ``max(limits)``).
         """
         n_prompts, n = len(prompts), num_samples
         n_rows = n_prompts * n
@@ -363,15 +385,15 @@ class ContinuousEngine:
         dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES
                                                  if a in mesh.shape]))
         s = bucket_size(min(slots, n_rows), 1, dp)
-        c = prefill_chunk or default_prefill_chunk(s, n, n_prompts, dp)
-        c = bucket_size(c, 1, dp)
+        c = bucket_size(prefill_chunk or default_prefill_chunk(s, n, n_prompts, dp), 1, dp)
         t = bucket_size(max(p.size for p in prompts), min_prompt_bucket)
         prog = _EngineProgram(slots=s, prompt_len=t, width=width, mode=mode,
                               stop_ids=stop_ids, pad_id=pad_id, cache_dtype=cache_dtype,
                               head_nn=self.config.tie_word_embeddings
                               and jax.default_backend() == "cpu")
-        init, prefill, insert, decode = self._get_programs(prog, mesh)
-        refill_min = int(refill_min or max(1, s // 8))
+        init, prefill, insert, decode, _ = self._get_programs(prog, mesh)
+        refill_min = jnp.int32(refill_min or max(1, s // 32))
+        min_slots = bucket_size(min(min_slots or s // 4, s), 1, dp)
 
         ids = np.full((n_prompts, t), pad_id, np.int32)
         mask = np.zeros((n_prompts, t), bool)
@@ -381,20 +403,20 @@ class ContinuousEngine:
         batch_sharding = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES))
         vec_sharding = None if mesh is None else NamedSharding(mesh, P())
 
-        def put(x, sharding):
+        def put(x, sharding=vec_sharding):
             return jnp.asarray(x) if sharding is None else jax.device_put(x, sharding)
 
         temp = jnp.float32(temperature if temperature > 0 else 1.0)
         p_top = jnp.float32(1.0 if top_p is None else top_p)
-        a = s  # insert width: at most every slot at once
 
-        out_tokens = np.full((n_rows, prog.width), pad_id, np.int32)
-        out_lps = np.zeros((n_rows, prog.width), np.float32)
+        out_tokens = np.full((n_rows, width), pad_id, np.int32)
+        out_lps = np.zeros((n_rows, width), np.float32)
         out_len = np.zeros((n_rows,), np.int32)
         out_fin = np.zeros((n_rows,), bool)
-        slot_row = np.full((s,), -1, np.int64)
+        slot_row = np.full((s,), -1, np.int64)  # the row each slot holds (-1: free)
         next_row, stash, stash_lo, stash_hi = 0, None, 0, 0
         decode_calls = prefills = 0
+        sizes = [s]
         x = init()
         while True:
             free = np.flatnonzero(slot_row < 0).tolist()
@@ -408,10 +430,8 @@ class ContinuousEngine:
                     cid[:stash_hi - p], cmask[:stash_hi - p] = ids[p:stash_hi], mask[p:stash_hi]
                     stash = prefill(state, put(cid, batch_sharding), put(cmask, batch_sharding))
                     prefills += 1
-                sl = np.full((a,), s, np.int32)
-                src = np.zeros((a,), np.int32)
-                rid = np.zeros((a,), np.int32)
-                lim = np.ones((a,), np.int32)
+                sl = np.full((s,), s, np.int32)  # slot s: an unused entry, dropped
+                src, rid, lim = (np.zeros((s,), np.int32) for _ in range(3))
                 k = 0
                 while free and next_row < n_rows and next_row // n < stash_hi:
                     sl[k], src[k], rid[k] = free.pop(0), next_row // n - stash_lo, next_row
@@ -419,12 +439,13 @@ class ContinuousEngine:
                     slot_row[sl[k]] = next_row
                     next_row += 1
                     k += 1
-                x = insert(x, stash, put(sl, vec_sharding), put(src, vec_sharding),
-                           put(rid + row_offset, vec_sharding), put(lim, vec_sharding), rng,
+                x = insert(x, stash, put(sl), put(src), put(rid + row_offset), put(lim), rng,
                            temp, p_top)
             if next_row >= n_rows and (slot_row < 0).all():
                 break
-            x = decode(state, x, jnp.int32(n_rows - next_row), jnp.int32(refill_min), temp, p_top)
+            shrink_at = s // 2 if next_row >= n_rows and s // 2 >= min_slots else -1
+            x = decode(state, x, jnp.int32(n_rows - next_row), refill_min, jnp.int32(shrink_at),
+                       temp, p_top)
             decode_calls += 1
             active, count, stopped, tokens, lps = jax.device_get(
                 (x.active, x.count, x.stopped, x.tokens, x.logprobs))
@@ -433,6 +454,17 @@ class ContinuousEngine:
                 out_tokens[r], out_lps[r] = tokens[slot], lps[slot]
                 out_len[r], out_fin[r] = count[slot], stopped[slot]
                 slot_row[slot] = -1
+            live = int(active.sum())
+            if next_row >= n_rows and 0 < live <= s // 2 and s // 2 >= min_slots:
+                # The tail: move the live rows to a program with fewer slots (live ones first).
+                s = bucket_size(live, min_slots, dp)
+                order = np.concatenate([np.flatnonzero(active), np.flatnonzero(~active)])[:s]
+                prog = dataclasses.replace(prog, slots=s)
+                _, _, _, decode, compact = self._get_programs(prog, mesh)
+                x = compact(x, put(order.astype(np.int32)))
+                slot_row = slot_row[order]
+                sizes.append(s)
         del x
         return EngineResult(tokens=out_tokens, logprobs=out_lps, lengths=out_len,
-                            finished=out_fin, decode_calls=decode_calls, prefills=prefills)
+                            finished=out_fin, decode_calls=decode_calls, prefills=prefills,
+                            slot_sizes=tuple(sizes))

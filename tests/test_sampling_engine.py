@@ -63,12 +63,14 @@ def test_greedy_token_identical_to_static_on_ragged_workload(qwen2):
     cont = Sampler(graphdef, model.config, engine="continuous", num_slots=SLOTS)  # own counter
     free = cont.generate(state, prompts, max_new_tokens=MAX_NEW, temperature=0.0,
                          rng=jax.random.key(0), use_eos=False)
+    free_sizes = set(cont.continuous_engine.last_run["slot_sizes"])
     # Stop ids that some rows reach early (the third token of a few free continuations).
     stops = sorted({int(free.tokens[i, 2]) for i in (1, 4, 7)})
     kw = dict(max_new_tokens=limits, temperature=0.0, rng=jax.random.key(0), use_eos=False,
               stop_token_ids=stops)
     want = static.generate(state, prompts, **kw)
     got = cont.generate(state, prompts, **kw)
+    sizes = {"free": free_sizes, "stops": set(cont.continuous_engine.last_run["slot_sizes"])}
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_array_equal(got.finished, want.finished)
@@ -82,17 +84,25 @@ def test_greedy_token_identical_to_static_on_ragged_workload(qwen2):
     for i, n in enumerate(want.lengths):
         np.testing.assert_array_equal(want.tokens[i, :n], free.tokens[i, :n])
 
-    # 11 rows through 4 slots: the slots were refilled; 4 programs per stop set, reused by a new
-    # workload.
-    assert cont.num_compilations == 8
+    # 11 rows through 4 slots: the slots were refilled, and in the tail the live rows moved to
+    # programs with fewer slots (4 -> 2 -> 1). Programs per stop set: init, prefill, insert and
+    # decode, plus a decode and a compaction per smaller slot count visited; a new workload reuses
+    # them (and compiles only a smaller slot count it visits for the first time).
+    def expected():
+        return sum(4 + 2 * (len(v) - 1) for v in sizes.values())
+
+    assert SLOTS in sizes["stops"] and sizes["stops"] <= {1, 2, 4}
+    assert cont.num_compilations == expected()
     prompts2, limits2 = _workload(seed=5)
     again = cont.generate(state, prompts2, max_new_tokens=limits2, temperature=0.0,
                           rng=jax.random.key(1), use_eos=False, stop_token_ids=stops)
+    sizes["stops"] |= set(cont.continuous_engine.last_run["slot_sizes"])
     ref = static.generate(state, prompts2, max_new_tokens=limits2, temperature=0.0,
                           rng=jax.random.key(1), use_eos=False, stop_token_ids=stops)
     np.testing.assert_array_equal(again.tokens, ref.tokens)
-    assert cont.num_compilations == 8 and static.num_compilations == 2
-    assert cont.continuous_engine.shapes == [(SLOTS, 16, MAX_NEW)]
+    assert cont.num_compilations == expected() <= 2 * (4 + 2 * 2)
+    assert static.num_compilations == 2
+    assert cont.continuous_engine.shapes == [(n, 16, MAX_NEW) for n in sorted(sizes["stops"])]
 
 
 def test_greedy_matches_transformers_with_sliding_window_one_slot(hf_model_dir):
@@ -213,7 +223,8 @@ def test_sharded_over_8_devices_equals_one_device(qwen2, cont, sharded):
     np.testing.assert_array_equal(got.tokens, want.tokens)
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
-    assert sampler.num_compilations == 4  # init, prefill, insert, decode
+    sizes = sampler.continuous_engine.last_run["slot_sizes"]
+    assert sampler.num_compilations == 4 + 2 * (len(sizes) - 1)  # + decode, compact per shrink
 
 
 def test_host_local_equals_global_and_simulated_hosts(qwen2, cont, sharded):
@@ -256,7 +267,8 @@ def test_host_local_equals_global_and_simulated_hosts(qwen2, cont, sharded):
     assert [len(s["lengths"]) for s in shares] == [4, 4, 4]
     np.testing.assert_array_equal(np.concatenate([s["tokens"] for s in shares]), want.tokens)
     np.testing.assert_array_equal(np.concatenate([s["lengths"] for s in shares]), want.lengths)
-    assert sampler.num_compilations == 4  # the played hosts reused the local programs
+    # The played hosts reused the local programs (but may visit other tail slot counts).
+    assert sampler.num_compilations <= 4 + 2 * 2
 
 
 # ------------------------------------------------------------------------------- the options

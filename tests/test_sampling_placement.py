@@ -24,6 +24,7 @@ def test_host_share_and_spec_restriction():
     if mesh is not None:
         assert _local_spec(P("fsdp", "tensor"), (64, 128), mesh) == P(None, "tensor")
         assert _local_spec(P(("data", "tensor"),), (12,), mesh) == P(None)  # 8 does not split 12
-        assert _local_spec(P(None, ("data", "tensor")), (3, 16), mesh) == P(None, ("data", "tensor"))
+        spec = P(None, ("data", "tensor"))
+        assert _local_spec(spec, (3, 16), mesh) == spec
     rows = dict(tokens=np.arange(6).reshape(3, 2), lengths=np.array([1, 2, 2]))
     assert gather_host_rows(rows, [3])["tokens"].tolist() == rows["tokens"].tolist()

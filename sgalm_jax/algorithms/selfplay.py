@@ -54,7 +54,7 @@ from sgalm_jax.algorithms.selfplay_data import (
 )
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
-from sgalm_jax.training.run_setup import setup_run
+from sgalm_jax.training.run_setup import sampler_options, setup_run
 from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
@@ -328,7 +328,7 @@ class _Run:
             sp, n = self.config.selfplay, len(self.data)
             self.sampler = self.sampler_cls(self.graphdef, self.mcfg, pad_token_id=self.pad,
                                             min_batch_bucket=min(sp.generation_batch_size, n),
-                                            mesh=self.mesh)
+                                            mesh=self.mesh, **sampler_options(self.config))
             self.scorer = SequenceScorer(self.graphdef, mesh=self.mesh,
                                          batch_size=sp.ref_batch_size,
                                          min_bucket=self.config.data.min_bucket,
@@ -472,7 +472,8 @@ class _Run:
             from sgalm_jax.algorithms.eval import Evaluator
 
             self._evaluator = Evaluator(self.config.eval, self.graphdef, self.mcfg, self.tokenizer,
-                                        mesh=self.mesh, seed=self.config.seed)
+                                        mesh=self.mesh, seed=self.config.seed,
+                                        sampling=self.config)
         return self._evaluator
 
     def eval_due(self, t: int) -> bool:

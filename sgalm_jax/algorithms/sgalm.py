@@ -82,7 +82,7 @@ from sgalm_jax.training import (
     trainable_mask,
 )
 from sgalm_jax.training.model_setup import build_model, model_config
-from sgalm_jax.training.run_setup import setup_run, tokenizer_source
+from sgalm_jax.training.run_setup import sampler_options, setup_run, tokenizer_source
 from sgalm_jax.training.tokenizer import BUILTIN_TINY
 
 log = logging.getLogger(__name__)
@@ -423,7 +423,8 @@ class SGALM:
         self.g_step = make_train_step(make_g_loss(self.graphdef, labels, self.gen_opts), self.tx_g,
                                       learning_rate=self.lr_g, extra_shardings=extra, **common)
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
-                               min_batch_bucket=int(cfg.sgalm.sample_batch_size))
+                               min_batch_bucket=int(cfg.sgalm.sample_batch_size),
+                               **sampler_options(cfg, int(cfg.sgalm.sample_batch_size)))
         self.scorer = DScorer(self.graphdef, labels, self.mesh,
                               batch_size=cfg.sgalm.score_batch_size,
                               bucket=cfg.sgalm.length_bucket, pad_id=self.pad)
