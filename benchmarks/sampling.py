@@ -24,6 +24,7 @@ bytes a step must read) / step time, divided by the HBM bandwidth measured with 
 HF ``generate`` is run on the GPU as well when torch sees CUDA (``--no-hf`` skips it)::
 
     python benchmarks/sampling.py --gpu
+    python benchmarks/sampling.py --gpu --workload ragged   # both engines on GSM8K lengths
 
 Both sides generate exactly their rows' lengths (the models have no EOS id). After one warm-up call
 each, the samplers run alternately ``--repeats`` times; the median and the best time of each are
@@ -100,22 +101,29 @@ def gsm8k_answer_lengths(data_dir: Path, n: int, seed: int = 0) -> np.ndarray:
 
 
 def timed_rounds(fns: dict, repeats: int) -> dict:
-    """{name: (first-call seconds, median seconds, best seconds)} over ``repeats`` rounds.
+    """{name: (first-call s, median s, best s, median CPU s)} over ``repeats`` rounds.
 
     Each round runs every sampler once, in turn, so a burst of load from other processes on a
-    shared machine is spread over all of them rather than penalising one.
+    shared machine is spread over all of them rather than penalising one. CPU seconds are the
+    process's user + system time during the call (all threads): on a loaded machine they measure
+    the work done better than wall time.
     """
-    out = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
+    wall: dict = {}
+    cpu: dict = {}
+
+    def one(name, fn):
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
-        out[name] = [time.perf_counter() - t0]
+        wall.setdefault(name, []).append(time.perf_counter() - t0)
+        cpu.setdefault(name, []).append(time.process_time() - c0)
+
+    for name, fn in fns.items():
+        one(name, fn)
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            out[name].append(time.perf_counter() - t0)
-    return {name: (t[0], statistics.median(t[1:]), min(t[1:])) for name, t in out.items()}
+            one(name, fn)
+    return {name: (t[0], statistics.median(t[1:]), min(t[1:]), statistics.median(cpu[name][1:]))
+            for name, t in wall.items()}
 
 
 def best_times(fns: dict, repeats: int) -> dict:
@@ -234,13 +242,14 @@ def cpu_main(args) -> None:
                 for k in fns:
                     row[f"{k}_tok_s"] = toks / t[k][1]
                     row[f"{k}_best_tok_s"] = toks / t[k][2]
+                    row[f"{k}_cpu_s"] = t[k][3]
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"\nCPU equal lengths: {_machine(torch)}; model {CPU_MODEL}; prompts "
           f"{args.prompt_min}-{args.prompt_max} tokens; {args.new_tokens} new tokens per row; "
           f"median (best) of {args.repeats} alternating rounds\n")
     print("| batch | mode | HF tok/s | static tok/s | continuous tok/s | static / HF | "
-          "continuous / static | first call s (static, continuous) | programs | load |")
+          "continuous / static (CPU time) | first call s (static, continuous) | programs | load |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         fc, pc = r["first_call_s"], r["compilations"]
@@ -249,7 +258,8 @@ def cpu_main(args) -> None:
         print(f"| {r['batch']} | {r['mode']} | {hf[0]} | "
               f"{r['static_tok_s']:.0f} ({r['static_best_tok_s']:.0f}) | "
               f"{r['continuous_tok_s']:.0f} ({r['continuous_best_tok_s']:.0f}) | {hf[1]} | "
-              f"{r['continuous_tok_s'] / r['static_tok_s']:.2f}x | "
+              f"{r['continuous_tok_s'] / r['static_tok_s']:.2f}x "
+              f"({r['static_cpu_s'] / r['continuous_cpu_s']:.2f}x) | "
               f"{fc['static']:.1f}, {fc['continuous']:.1f} | {pc['static']}, {pc['continuous']} | "
               f"{r['load']:.1f} |")
 
@@ -288,23 +298,28 @@ def ragged_main(args) -> None:
                 for k in fns:
                     row[f"{k}_tok_s"] = toks / t[k][1]
                     row[f"{k}_best_tok_s"] = toks / t[k][2]
+                    row[f"{k}_cpu_s"] = t[k][3]
+                row["engine"] = cont.continuous_engine.last_run
                 rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                print(json.dumps(row, default=str), file=sys.stderr, flush=True)
     print(f"\nCPU ragged lengths: {_machine(torch)}; model {CPU_MODEL}; {args.prompts} prompts of "
           f"{args.prompt_min}-{args.prompt_max} tokens; per-row lengths from GSM8K answers (mean "
           f"{lengths.mean():.0f}, max {lengths.max()}), {toks} tokens; median (best) of "
           f"{args.repeats} alternating rounds\n")
-    print("| slots | mode | HF tok/s | static tok/s | continuous tok/s | continuous / static | "
-          "continuous / HF | first call s (static, continuous) | programs | load |")
+    print("| slots | mode | HF tok/s | static tok/s | continuous tok/s | continuous / static "
+          "(CPU time) | continuous / HF (CPU time) | first call s (static, continuous) | programs "
+          "| load |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         fc, pc = r["first_call_s"], r["compilations"]
         hf = (f"{r['hf_tok_s']:.0f} ({r['hf_best_tok_s']:.0f})",
-              f"{r['continuous_tok_s'] / r['hf_tok_s']:.2f}x") if "hf_tok_s" in r else ("-", "-")
+              f"{r['continuous_tok_s'] / r['hf_tok_s']:.2f}x "
+              f"({r['hf_cpu_s'] / r['continuous_cpu_s']:.2f}x)") if "hf_tok_s" in r else ("-", "-")
         print(f"| {r['slots']} | {r['mode']} | {hf[0]} | "
               f"{r['static_tok_s']:.0f} ({r['static_best_tok_s']:.0f}) | "
               f"{r['continuous_tok_s']:.0f} ({r['continuous_best_tok_s']:.0f}) | "
-              f"**{r['continuous_tok_s'] / r['static_tok_s']:.2f}x** | {hf[1]} | "
+              f"**{r['continuous_tok_s'] / r['static_tok_s']:.2f}x** "
+              f"({r['static_cpu_s'] / r['continuous_cpu_s']:.2f}x) | {hf[1]} | "
               f"{fc['static']:.1f}, {fc['continuous']:.1f} | {pc['static']}, {pc['continuous']} | "
               f"{r['load']:.1f} |")
 
@@ -318,6 +333,8 @@ def _torch_cuda() -> bool:
 
 
 def gpu_main(args) -> None:
+    """Equal lengths on an accelerator: tokens/s, decode tokens/s and the fraction of the
+    memory-bandwidth limit, per engine (each with as many slots / batch rows as prompts)."""
     from sgalm_jax.models.config import ModelConfig
 
     shape = CPU_MODEL if args.smoke else GPU_MODEL
@@ -334,38 +351,82 @@ def gpu_main(args) -> None:
             prompts = make_prompts(batch, shape["vocab_size"], args.prompt_min, args.prompt_max)
             mean_prompt = np.mean([len(p) for p in prompts])
             for mode in args.modes:
-                fns = {}
-                fns["ours"], sampler = ours_fn(tmp, prompts, args.new_tokens, mode, "bfloat16")
-                fns["ours_prefill"], _ = ours_fn(tmp, prompts, 1, mode, "bfloat16")
+                fns, samplers = {}, {}
+                for eng in args.engines:
+                    fns[eng], samplers[eng] = ours_fn(tmp, prompts, args.new_tokens, mode,
+                                                      "bfloat16", engine=eng, slots=batch)
+                    fns[f"{eng}_prefill"], _ = ours_fn(tmp, prompts, 1, mode, "bfloat16",
+                                                       engine=eng, slots=batch)
                 if args.hf and _torch_cuda():
                     fns["hf"] = hf_fn(tmp, prompts, args.new_tokens, mode, "cuda")
                 t = best_times(fns, args.repeats)
-                compile_s, ours = t["ours"]
-                prefill = t["ours_prefill"][1]
-                step = (ours - prefill) / (args.new_tokens - 1)  # one decode step
-                kv_bytes = batch * (mean_prompt + args.new_tokens / 2) * kv_per_token
-                frac = (weight_bytes + kv_bytes) / step / bandwidth
-                row = dict(batch=batch, mode=mode, ours_tok_s=batch * args.new_tokens / ours,
-                           decode_tok_s=batch / step, prefill_s=prefill, ms_per_step=step * 1e3,
-                           bandwidth_fraction=frac, first_call_s=compile_s,
-                           compilations=sampler.num_compilations)
-                if "hf" in t:
-                    hf = t["hf"][1]
-                    row.update(hf_tok_s=batch * args.new_tokens / hf, ratio=hf / ours)
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                for eng in args.engines:
+                    compile_s, ours = t[eng]
+                    prefill = t[f"{eng}_prefill"][1]
+                    step = (ours - prefill) / (args.new_tokens - 1)  # one decode step
+                    kv_bytes = batch * (mean_prompt + args.new_tokens / 2) * kv_per_token
+                    frac = (weight_bytes + kv_bytes) / step / bandwidth
+                    row = dict(batch=batch, mode=mode, engine=eng,
+                               ours_tok_s=batch * args.new_tokens / ours,
+                               decode_tok_s=batch / step, prefill_s=prefill,
+                               ms_per_step=step * 1e3, bandwidth_fraction=frac,
+                               first_call_s=compile_s,
+                               compilations=samplers[eng].num_compilations)
+                    if "hf" in t:
+                        hf = t["hf"][1]
+                        row.update(hf_tok_s=batch * args.new_tokens / hf, ratio=hf / ours)
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
     print(f"\nGPU: {jax.devices()[0].device_kind}, bandwidth {bandwidth / 1e9:.0f} GB/s measured; "
           f"{'small smoke-test' if args.smoke else 'Qwen2.5-1.5B-shaped'} random model, bf16 "
           f"({weight_bytes / 1e9:.2f} GB of weights); prompts {args.prompt_min}-{args.prompt_max} "
           f"tokens; {args.new_tokens} new tokens; best of {args.repeats}\n")
-    print("| batch | mode | ours tok/s (end to end) | decode tok/s | decode ms/step | "
-          "bandwidth fraction | prefill s | HF tok/s | ours / HF |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch | mode | engine | ours tok/s (end to end) | decode tok/s | decode ms/step | "
+          "bandwidth fraction | prefill s | programs | HF tok/s | ours / HF |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         hf = f"{r['hf_tok_s']:.0f} | {r['ratio']:.2f}x" if "hf_tok_s" in r else "- | -"
-        print(f"| {r['batch']} | {r['mode']} | {r['ours_tok_s']:.0f} | {r['decode_tok_s']:.0f} | "
-              f"{r['ms_per_step']:.2f} | {r['bandwidth_fraction']:.0%} | {r['prefill_s']:.2f} | "
-              f"{hf} |")
+        print(f"| {r['batch']} | {r['mode']} | {r['engine']} | {r['ours_tok_s']:.0f} | "
+              f"{r['decode_tok_s']:.0f} | {r['ms_per_step']:.2f} | {r['bandwidth_fraction']:.0%} | "
+              f"{r['prefill_s']:.2f} | {r['compilations']} | {hf} |")
+
+
+def gpu_ragged_main(args) -> None:
+    """Ragged lengths (GSM8K answers) on an accelerator: tokens/s of both engines (and HF)."""
+    shape = CPU_MODEL if args.smoke else GPU_MODEL
+    lengths = gsm8k_answer_lengths(Path(args.data_dir), args.prompts, seed=args.seed)
+    if args.max_length:
+        lengths = np.minimum(lengths, args.max_length)
+    prompts = make_prompts(args.prompts, shape["vocab_size"], args.prompt_min, args.prompt_max)
+    toks = int(lengths.sum())
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        make_checkpoint(shape, "bfloat16", tmp)
+        for slots in args.slots:
+            for mode in args.modes:
+                fns, samplers = {}, {}
+                for eng in args.engines:
+                    fns[eng], samplers[eng] = ours_fn(tmp, prompts, lengths, mode, "bfloat16",
+                                                      engine=eng, slots=slots)
+                if args.hf and _torch_cuda():
+                    fns["hf"] = hf_fn(tmp, prompts, lengths, mode, "cuda", batch=slots)
+                t = timed_rounds(fns, args.repeats)
+                row = dict(slots=slots, mode=mode, **{f"{k}_tok_s": toks / v[1]
+                                                      for k, v in t.items()},
+                           compilations={k: v.num_compilations for k, v in samplers.items()})
+                rows.append(row)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+    print(f"\nGPU ragged lengths: {jax.devices()[0].device_kind}; "
+          f"{'small smoke-test' if args.smoke else 'Qwen2.5-1.5B-shaped'} random model, bf16; "
+          f"{args.prompts} prompts, per-row lengths from GSM8K answers (mean {lengths.mean():.0f}, "
+          f"max {lengths.max()}); median of {args.repeats}\n")
+    names = [e for e in args.engines] + (["hf"] if rows and "hf_tok_s" in rows[0] else [])
+    print("| slots | mode | " + " | ".join(f"{n} tok/s" for n in names) + " | programs |")
+    print("|---:|---|" + "---:|" * len(names) + "---|")
+    for r in rows:
+        print(f"| {r['slots']} | {r['mode']} | "
+              + " | ".join(f"{r[f'{n}_tok_s']:.0f}" for n in names)
+              + f" | {r['compilations']} |")
 
 
 def main() -> None:
@@ -404,7 +465,11 @@ def main() -> None:
             args.prompts = min(args.prompts, 16)
         else:
             args.prompt_min, args.prompt_max = max(args.prompt_min, 64), max(args.prompt_max, 128)
-        gpu_main(args)
+        if args.workload == "ragged":
+            args.repeats = args.repeats if "--repeats" in sys.argv else 3
+            gpu_ragged_main(args)
+        else:
+            gpu_main(args)
     elif args.workload == "ragged":
         args.slots = args.slots or [16, 32]
         args.modes = args.modes if "--modes" in sys.argv else ["sampled"]
