@@ -6,7 +6,8 @@ holds ``S`` slots, each with its own region of one preallocated KV cache ``[S, k
 head_dim]`` (``P`` the prompt bucket, ``W`` the longest row's token budget). When a row ends (a stop
 token, or its own maximum length) its slot takes the next waiting row, so every decode step works on
 ``S`` live rows until the queue is empty. All shapes are fixed per (slots, prompt bucket, width,
-sampling mode): a run compiles four programs, whatever the prompts and lengths.
+sampling mode, stop ids): a call configuration compiles 4 programs, plus 2 per smaller slot count
+the tail shrinks to (at most 8 with the defaults), whatever the prompts and lengths.
 
 Programs (``ContinuousEngine.num_compilations`` counts them):
 
@@ -18,7 +19,10 @@ Programs (``ContinuousEngine.num_compilations`` counts them):
   first token and resets the slot's counters.
 * ``decode``: a ``lax.while_loop`` over decode steps of all slots (every slot at its own position and
   cache write index). It returns to the host when every slot has stopped, or when enough slots are
-  free to be worth a refill (``refill_min``) while rows are still waiting.
+  free to be worth a refill (``refill_min``) while rows are still waiting, or, with none waiting,
+  when the live rows fit in half the slots.
+* ``compact``: in that tail, the live rows gathered into a state with half the slots (down to
+  ``min_slots``), decoded from then on by the ``decode`` program of that size.
 
 The host loop between them only moves small per-slot vectors: which slots ended, and their rows.
 
@@ -164,8 +168,8 @@ def _prefill(graphdef, config: ModelConfig, prog: _EngineProgram, mesh: Mesh | N
     return _Stash(k=cache.k, v=cache.v, logits=logits, lengths=lengths)
 
 
-def _insert(prog: _EngineProgram, mesh: Mesh | None, slots: _Slots, stash: _Stash, slot_ids,
-            src, row_ids, limits, rng, temperature, top_p) -> _Slots:
+def _insert(prog: _EngineProgram, slots: _Slots, stash: _Stash, slot_ids, src, row_ids, limits,
+            rng, temperature, top_p) -> _Slots:
     """Start rows ``row_ids`` in slots ``slot_ids`` from stash rows ``src`` ([A] each; a slot id
     of ``S`` marks an unused entry, dropped by the scatters)."""
     t = prog.prompt_len
@@ -334,7 +338,7 @@ class ContinuousEngine:
                            compiler_options=opts)
             prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh),
                               compiler_options=opts)
-            insert = jax.jit(functools.partial(_insert, prog, mesh), donate_argnums=(0,),
+            insert = jax.jit(functools.partial(_insert, prog), donate_argnums=(0,),
                              out_shardings=out, compiler_options=opts)
             decode = jax.jit(functools.partial(_decode, self.graphdef, prog),
                              donate_argnums=(1,), out_shardings=out, compiler_options=opts)
