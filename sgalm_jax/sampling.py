@@ -355,6 +355,7 @@ def _decode(graphdef, prog: _Program, state, ds: _DecodeState, temperature, top_
 ENGINES = ("auto", "static", "continuous")
 PLACEMENTS = ("global", "host_local")
 
+
 def _find_mesh(state: Any) -> Mesh | None:
     """The mesh the params live on (None for single-device or unsharded params)."""
     for leaf in jax.tree.leaves(state):
@@ -438,7 +439,8 @@ class Sampler:
                  mesh: Mesh | None = None, compiler_options: Mapping[str, Any] | None = None,
                  engine: str = "auto", num_slots: int | None = None,
                  prefill_chunk: int | None = None, refill_min: int | None = None,
-                 min_slots: int | None = None, placement: str = "global", local_mesh_shape: Mapping[str, int] | None = None):
+                 min_slots: int | None = None, placement: str = "global",
+                 local_mesh_shape: Mapping[str, int] | None = None):
         if engine not in ENGINES:
             raise ConfigError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
         if placement not in PLACEMENTS:
@@ -549,23 +551,11 @@ class Sampler:
         mesh = self.mesh if self.mesh is not None else _find_mesh(state)
         if isinstance(rng, (int, np.integer)):
             rng = jax.random.key(int(rng))
-        if self.placement == "host_local" or self.resolve_engine(len(limits), engine) == "continuous":
-            kw = dict(mode=mode, stop_ids=stop, pad_id=self.pad_token_id,
-                      cache_dtype=self._resolve_cache_dtype(), num_samples=num_samples, rng=rng,
-                      temperature=float(temperature), top_p=top_p,
-                      slots=int(self.num_slots or self.max_batch_size or min(len(limits), 64)),
-                      prefill_chunk=self.prefill_chunk, refill_min=self.refill_min,
-                      min_slots=self.min_slots,
-                      min_prompt_bucket=self.min_prompt_bucket, width=int(limits.max()))
-            if self.placement == "host_local":
-                from sgalm_jax.sampling_placement import run_host_local
-
-                out = run_host_local(self.continuous_engine, state, rows, limits,
-                                     mesh=self.host_local_mesh(), **kw)
-            else:
-                res = self.continuous_engine.run(state, rows, limits, mesh=mesh, **kw)
-                out = dict(tokens=res.tokens, logprobs=res.logprobs, lengths=res.lengths,
-                           finished=res.finished)
+        continuous = self.resolve_engine(len(limits), engine) == "continuous"
+        if continuous or self.placement == "host_local":
+            out = self._generate_continuous(state, rows, limits, mesh, mode=mode, stop_ids=stop,
+                                            num_samples=num_samples, rng=rng,
+                                            temperature=float(temperature), top_p=top_p)
             return Generation(**out, prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                               num_samples=num_samples)
 
@@ -588,6 +578,23 @@ class Sampler:
         return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=done,
                           prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                           num_samples=num_samples)
+
+    def _generate_continuous(self, state, rows, limits, mesh, **kw) -> dict[str, np.ndarray]:
+        """All rows through the continuous engine, on ``mesh`` or (``placement="host_local"``)
+        each host's share on its own copy of the params, gathered."""
+        kw.update(pad_id=self.pad_token_id, cache_dtype=self._resolve_cache_dtype(),
+                  slots=int(self.num_slots or self.max_batch_size or min(len(limits), 64)),
+                  prefill_chunk=self.prefill_chunk, refill_min=self.refill_min,
+                  min_slots=self.min_slots, min_prompt_bucket=self.min_prompt_bucket,
+                  width=int(limits.max()))
+        if self.placement == "host_local":
+            from sgalm_jax.sampling_placement import run_host_local
+
+            return run_host_local(self.continuous_engine, state, rows, limits,
+                                  mesh=self.host_local_mesh(), **kw)
+        res = self.continuous_engine.run(state, rows, limits, mesh=mesh, **kw)
+        return dict(tokens=res.tokens, logprobs=res.logprobs, lengths=res.lengths,
+                    finished=res.finished)
 
     def host_local_mesh(self) -> Mesh:
         """This host's sampling mesh for ``placement="host_local"``."""
