@@ -117,6 +117,8 @@ def timed_rounds(fns: dict, repeats: int, warm: tuple[str, ...] | None = None) -
         fn()
         wall.setdefault(name, []).append(time.perf_counter() - t0)
         cpu.setdefault(name, []).append(time.process_time() - c0)
+        print(f"  {name}: {wall[name][-1]:.1f} s wall, {cpu[name][-1]:.1f} s CPU, load "
+              f"{os.getloadavg()[0]:.1f}", file=sys.stderr, flush=True)
 
     warm = tuple(fns) if warm is None else warm
     for name, fn in fns.items():
