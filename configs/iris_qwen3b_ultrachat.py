@@ -26,7 +26,7 @@ IRIS pools its importance weights over each micro-batch, so grad_accum_steps > 1
 estimator (smaller pools), unlike SPIN's per-pair loss; prefer more devices over accumulation.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

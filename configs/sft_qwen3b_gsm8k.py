@@ -11,7 +11,7 @@ Set the checkpoint and data locations on the command line, e.g. on a TPU v5p-8 /
 3 epochs at batch 64: 7473 // 64 = 116 steps per epoch.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

@@ -29,7 +29,7 @@ Mesh and batch (bf16 compute over fp32 master weights, full remat; states ~37 GB
 of a chunk is ~5 GB in bf16.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

@@ -27,7 +27,7 @@ shard over at least 4 devices; full remat):
 | 4 x 80 GB GPU | fsdp=4 | 2 | 32 |
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

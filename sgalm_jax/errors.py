@@ -25,3 +25,17 @@ class DataError(SgalmError, ValueError):
 
 class ShardingError(SgalmError, ValueError):
     """A mesh shape or sharding does not fit the available devices or array shapes."""
+
+
+class NonFiniteError(SgalmError, FloatingPointError):
+    """A loss or gradient norm became NaN or infinite: the run diverged (the message names the
+    step; nothing of that step is checkpointed or exported)."""
+
+
+class WorkdirError(SgalmError, OSError):
+    """The run directory cannot be used: not a folder, not writable, full, malformed, or in use
+    by another run (the message names the path)."""
+
+
+class JudgeError(SgalmError):
+    """A judge (LLM-as-a-judge endpoint or local model) failed or gave an unusable reply."""

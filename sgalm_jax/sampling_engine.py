@@ -53,7 +53,7 @@ from sgalm_jax.models.config import ModelConfig
 from sgalm_jax.models.transformer import CausalLM, KVCache, positions_from_mask
 from sgalm_jax.sampling import (_Mode, _cache_spec, _constrain, _greedy, _head_kernel,
                                 _select_with_logprobs, _stopped, bucket_size)
-from sgalm_jax.sharding import BATCH_AXES
+from sgalm_jax.sharding import BATCH_AXES, to_host
 
 __all__ = ["ContinuousEngine", "EngineResult", "default_prefill_chunk"]
 
@@ -451,7 +451,9 @@ class ContinuousEngine:
             x = decode(state, x, jnp.int32(n_rows - next_row), refill_min, jnp.int32(shrink_at),
                        temp, p_top)
             decode_calls += 1
-            active, count, stopped, tokens, lps = jax.device_get(
+            # Slot-sharded over every host's devices on a multi-host mesh: gathered to each process
+            # (the same values everywhere, so every process takes the same scheduling decisions).
+            active, count, stopped, tokens, lps = to_host(
                 (x.active, x.count, x.stopped, x.tokens, x.logprobs))
             for slot in np.flatnonzero((slot_row >= 0) & ~active):
                 r = slot_row[slot]

@@ -92,3 +92,75 @@ def qwen_tokenizer(shared_data):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(shared_data / "tokenizers" / "qwen2.5")
+
+
+def _mount_tmpfs(path: Path, options: str) -> bool:
+    import subprocess
+
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                              capture_output=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, timeout=20)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """``small_tmpfs(size)`` -> a folder on a fresh tmpfs of ``size`` (e.g. '3m'): a real full
+    disk. Skips where tmpfs cannot be mounted (not root, no CAP_SYS_ADMIN)."""
+    mounted = []
+
+    def make(size: str) -> Path:
+        path = tmp_path / f"tmpfs{len(mounted)}"
+        if not _mount_tmpfs(path, f"size={size}"):
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(path)
+        return path
+
+    yield make
+    for path in mounted:
+        _umount(path)
+
+
+@pytest.fixture
+def readonly_dir(tmp_path):
+    """A folder nobody may write: a read-only tmpfs as root (root ignores file modes), a
+    ``chmod 555`` folder otherwise."""
+    path = tmp_path / "readonly"
+    if os.geteuid() != 0:
+        path.mkdir()
+        path.chmod(0o555)
+        yield path
+        path.chmod(0o755)
+        return
+    if not _mount_tmpfs(path, "size=1m,ro"):
+        pytest.skip("cannot mount a read-only tmpfs here")
+    yield path
+    _umount(path)
+
+
+@pytest.fixture(scope="session")
+def jail_sandbox_factory():
+    """Makes sandboxes in the bubblewrap jail (``isolation="bwrap"``). Where bwrap cannot start the
+    test is skipped, except under CI (``CI`` set), where the jail is required and its absence fails."""
+    import dataclasses
+
+    from sgalm_jax.evaluation.sandbox import Sandbox, SandboxConfig, SandboxUnavailable
+
+    def make(config: SandboxConfig | None = None, **kwargs):
+        try:
+            return Sandbox(dataclasses.replace(config or SandboxConfig(), isolation="bwrap"), **kwargs)
+        except SandboxUnavailable as e:
+            if os.environ.get("CI"):
+                pytest.fail(f"the bubblewrap jail must work in CI (.ci/run installs bubblewrap): {e}")
+            pytest.skip(str(e))
+
+    return make

@@ -10,36 +10,36 @@ decoded sample texts.
 * :func:`split_sample`: a generated sample text back into a ``(prompt, response)`` SFT pair.
 * :func:`diversity`: distinct-1/2 (unique n-grams / all n-grams over the set), the within-sample
   repetition rate (repeated 4-grams), exact duplicates and verbatim copies of real samples.
-* :func:`lcs_length` / :func:`rouge_l_f1`: ROUGE-L on word tokens (bit-parallel LCS), and
-  :class:`RougeFilter`, Self-Instruct's "drop when ROUGE-L F1 > 0.7 with any earlier one".
+* :func:`lcs_length` / :func:`rouge_l_f1` / :class:`RougeFilter` (Self-Instruct's "drop when
+  ROUGE-L F1 > 0.7 with any earlier one"): defined in :mod:`sgalm_jax.evaluation.rouge`.
 * :class:`NgramIndex`: n-gram overlap with a reference split (test-set deduplication).
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 from sgalm_jax.data.arc import ARCTask
 from sgalm_jax.data.base import Task
 from sgalm_jax.data.gsm8k import GSM8KTask, parse_qa
 from sgalm_jax.data.math_steps import extract_final_answer
 from sgalm_jax.data.mbpp import MBPPTask
+# ROUGE-L lives in sgalm_jax.evaluation.rouge (GAD's health metric uses it too); re-exported here.
+from sgalm_jax.evaluation.rouge import RougeFilter, lcs_length, ngrams as _ngrams, rouge_l_f1, words
 
-_WORD_RE = re.compile(r"\w+|[^\w\s]")
+__all__ = [
+    "NgramIndex", "RougeFilter", "check_validity", "copy_rate", "distinct_n", "diversity",
+    "duplicate_rate", "has_checker", "lcs_length", "parse_mbpp_sample", "repetition_rate",
+    "rouge_l_f1", "split_sample", "well_formed", "words",
+]
+
 _MBPP_RE = re.compile(
     r"^\s*You are an expert Python programmer, and here is your task:\s*(?P<desc>.*?)\s*"
     r"Your code should pass these tests:\s*\n(?P<tests>.*?)\n\s*\[BEGIN\]\s*\n(?P<code>.*?)"
     r"(?:\n?\[DONE\].*)?$", re.S)
 _ARC_CHOICE_RE = re.compile(r"^\s*([A-H1-8])\.\s+\S", re.M)
 _ARC_ANSWER_RE = re.compile(r"\nAnswer:\s*([A-H1-8])\s*$")
-
-
-def words(text: str) -> list[str]:
-    """Lower-cased word and punctuation tokens (the unit of distinct-n, ROUGE-L and dedupe)."""
-    return _WORD_RE.findall(text.lower())
 
 
 # ------------------------------------------------------------------------------ sample structure
@@ -129,10 +129,6 @@ def check_validity(task: Task, texts: Sequence[str]) -> list[tuple[bool | None, 
 
 
 # ------------------------------------------------------------------------------ diversity
-def _ngrams(tokens: Sequence[str], n: int) -> list[tuple[str, ...]]:
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
-
-
 def distinct_n(texts: Iterable[str], n: int) -> float:
     """Unique n-grams over all n-grams of ``texts`` (word tokens); 0 when there are none."""
     total, seen = 0, set()
@@ -183,99 +179,6 @@ def diversity(texts: Sequence[str], reference: Iterable[str] = ()) -> dict[str, 
         "duplicates": duplicate_rate(texts),
         "copies": copy_rate(texts, reference),
     }
-
-
-# ------------------------------------------------------------------------------ ROUGE-L
-def lcs_length(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """Length of the longest common subsequence of ``a`` and ``b`` (bit-parallel, Hyyrö 2004).
-
-    One big-integer update per element of ``b``: ``V' = (V + (V & M)) | (V & ~M)`` over a bit
-    vector of ``len(a)`` bits, where ``M`` marks the positions of ``a`` equal to the element; the
-    LCS length is the number of zero bits of ``V``.
-    """
-    if not a or not b:
-        return 0
-    masks: dict[Any, int] = {}
-    for i, x in enumerate(a):
-        masks[x] = masks.get(x, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for y in b:
-        m = masks.get(y)
-        if m is None:
-            continue
-        u = v & m
-        v = ((v + u) | (v - u)) & full
-    return len(a) - bin(v).count("1")
-
-
-def rouge_l_f1(a: str | Sequence[str], b: str | Sequence[str]) -> float:
-    """ROUGE-L F1 of two texts (or token lists): ``2 LCS / (|a| + |b|)`` (P and R weighted
-    equally, as ``rouge_score``'s ``fmeasure``), on :func:`words` tokens."""
-    ta = words(a) if isinstance(a, str) else list(a)
-    tb = words(b) if isinstance(b, str) else list(b)
-    if not ta or not tb:
-        return 0.0
-    return 2.0 * lcs_length(ta, tb) / (len(ta) + len(tb))
-
-
-class RougeFilter:
-    """Self-Instruct's novelty filter: keep a text only if its ROUGE-L F1 with every text kept so
-    far (seeds included) is at most ``threshold``.
-
-    Exact: an inverted index of word trigrams only chooses the *order* of comparisons (likely
-    near-duplicates first, so rejections are found early); every pair whose F1 could exceed the
-    threshold is compared. The bound ``F1 <= 2 min(|a|, |b|) / (|a| + |b|)`` and the multiset
-    overlap skip pairs that cannot pass it.
-    """
-
-    def __init__(self, threshold: float = 0.7, seeds: Iterable[str] = ()):
-        self.threshold = float(threshold)
-        self.texts: list[list[str]] = []
-        self.counts: list[Counter] = []
-        self.index: dict[tuple[str, ...], list[int]] = {}
-        for s in seeds:
-            self._add(words(s))
-
-    def _add(self, tokens: list[str]) -> None:
-        i = len(self.texts)
-        self.texts.append(tokens)
-        self.counts.append(Counter(tokens))
-        for g in set(_ngrams(tokens, 3)):
-            self.index.setdefault(g, []).append(i)
-
-    def max_score(self, text: str) -> float:
-        """The largest ROUGE-L F1 of ``text`` with a kept text (stops once above threshold)."""
-        tokens = words(text)
-        if not tokens:
-            return 0.0
-        hits: Counter = Counter()
-        for g in set(_ngrams(tokens, 3)):
-            for j in self.index.get(g, ()):
-                hits[j] += 1
-        order = [j for j, _ in hits.most_common()]
-        ordered = set(order)
-        order += [j for j in range(len(self.texts)) if j not in ordered]
-        best, n, c = 0.0, len(tokens), Counter(tokens)
-        for j in order:
-            other = self.texts[j]
-            m = len(other)
-            if 2.0 * min(n, m) / (n + m) <= max(best, self.threshold):
-                continue
-            overlap = sum((c & self.counts[j]).values())
-            if 2.0 * overlap / (n + m) <= max(best, self.threshold):
-                continue
-            best = max(best, 2.0 * lcs_length(tokens, other) / (n + m))
-            if best > self.threshold:
-                break
-        return best
-
-    def add_if_novel(self, text: str) -> bool:
-        """Keep ``text`` (and return True) if no kept text has ROUGE-L F1 above the threshold."""
-        if self.max_score(text) > self.threshold:
-            return False
-        self._add(words(text))
-        return True
 
 
 # ------------------------------------------------------------------------------ n-gram overlap

@@ -46,7 +46,15 @@ from sgalm_jax.training import (
     train_state_shardings,
     trainable_mask,
 )
-from sgalm_jax.training.batching import BatchSource, TokenizedExample, truncate
+from sgalm_jax.training import multihost as mh
+from sgalm_jax.training.batching import (
+    BatchSource,
+    LazyExamples,
+    TokenizedExample,
+    host_share,
+    truncate,
+)
+from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
 from sgalm_jax.training.tokenizer import BUILTIN_TINY
@@ -67,6 +75,8 @@ def validate(config: Any) -> None:
     d = config.data
     if bool(d.train_file) == bool(d.task):
         raise ConfigError("data.train_file: set exactly one of data.train_file and data.task")
+    if d.train_file and os.path.isdir(d.train_file):
+        raise ConfigError(f"data.train_file: {d.train_file!r} is a folder, not a JSONL file")
     if d.train_file and not os.path.isfile(d.train_file):
         raise ConfigError(f"data.train_file: {d.train_file!r} does not exist")
     if d.task:
@@ -86,24 +96,25 @@ def load_records(config: Any) -> list[tuple[str, str]]:
     limit = d.max_examples or None
     pairs: list[tuple[str, str]] = []
     if d.train_file:
-        with open(d.train_file, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                where = f"{d.train_file}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg})") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{where}: expected a JSON object")
-                for key in (d.prompt_key, d.response_key):
-                    if not isinstance(rec.get(key), str):
-                        raise DataError(f"{where}: field {key!r} missing or not a string "
-                                        "(data.prompt_key / data.response_key)")
-                pairs.append((rec[d.prompt_key], rec[d.response_key]))
-                if limit and len(pairs) >= limit:
-                    break
+        from sgalm_jax.data.io import iter_lines
+
+        for lineno, line in iter_lines(d.train_file):  # DataError naming a non-UTF-8 line
+            if not line.strip():
+                continue
+            where = f"{d.train_file}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: invalid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object")
+            for key in (d.prompt_key, d.response_key):
+                if not isinstance(rec.get(key), str):
+                    raise DataError(f"{where}: field {key!r} missing or not a string "
+                                    "(data.prompt_key / data.response_key)")
+            pairs.append((rec[d.prompt_key], rec[d.response_key]))
+            if limit and len(pairs) >= limit:
+                break
     else:
         from sgalm_jax.data import get_task
 
@@ -119,8 +130,14 @@ def load_records(config: Any) -> list[tuple[str, str]]:
 
 
 def encode(pairs: list[tuple[str, str]], tokenizer: Any, data_cfg: Any, *, eos_id: int,
-           vocab_size: int) -> list[TokenizedExample]:
-    """Tokenize (prompt, response) pairs; the loss mask covers the response and its eos."""
+           vocab_size: int | None) -> list[TokenizedExample]:
+    """Tokenize (prompt, response) pairs; the loss mask covers the response and its eos.
+
+    ``vocab_size``: raise ConfigError for a token id outside the model's vocabulary (None: no
+    check, the caller checks).
+    """
+    if not pairs:
+        return []
     if data_cfg.chat_template:
         from sgalm_jax.data.prompts import ensure_chat_template, render_chat
 
@@ -143,11 +160,47 @@ def encode(pairs: list[tuple[str, str]], tokenizer: Any, data_cfg: Any, *, eos_i
         ids = np.asarray(p + r, np.int32)
         mask = np.concatenate([np.zeros(len(p), np.float32), np.ones(len(r), np.float32)])
         out.append(TokenizedExample(ids, mask))
-    top = max(int(e.input_ids.max()) for e in out)
+    if vocab_size is not None:
+        check_vocab(max(int(e.input_ids.max()) for e in out), vocab_size)
+    return out
+
+
+def check_vocab(top: int, vocab_size: int) -> None:
     if top >= vocab_size:
         raise ConfigError(f"tokenizer.path: token id {top} is outside the model's vocabulary "
                           f"({vocab_size}); the tokenizer does not match the model")
-    return out
+
+
+def host_examples(pairs: list[tuple[str, str]], tokenizer: Any, config: Any, *, eos_id: int,
+                  vocab_size: int) -> tuple[LazyExamples, np.ndarray]:
+    """This host's view of the tokenized training set: ``(examples, lengths of all of them)``.
+
+    Every host reads all records (cheap, and a broken record fails on every host alike) but
+    tokenizes only its :func:`~sgalm_jax.training.batching.host_share` up front: in padding mode
+    exactly the examples of its rows in the first epoch. The hosts then exchange the lengths (and
+    the largest token id, so a tokenizer / model mismatch fails everywhere at once): batch shapes
+    and packing need every length, the token ids only this host's rows. Later epochs tokenize
+    their new rows on first use. One process tokenizes everything, as before.
+    """
+    d = config.data
+    n = len(pairs)
+
+    def encode_some(indices: list[int]) -> list[TokenizedExample]:
+        return encode([pairs[i] for i in indices], tokenizer, d, eos_id=eos_id, vocab_size=None)
+
+    share = host_share(n, batch_size=config.train.batch_size, seed=config.seed,
+                       shuffle=d.shuffle, packing=d.packing, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+    local = encode_some([int(i) for i in share])
+    table = np.zeros(n + 1, np.int32)  # lengths of this host's share, then its largest token id
+    for i, ex in zip(share, local):
+        table[i] = len(ex)
+    table[n] = max((int(e.input_ids.max()) for e in local), default=0)
+    everyone = mh.allgather(table)
+    check_vocab(int(everyone[:, n].max()), vocab_size)
+    lengths = everyone[:, :n].astype(np.int64).sum(axis=0)  # each tokenized by exactly one host
+    examples = LazyExamples(n, encode_some, cache={int(i): ex for i, ex in zip(share, local)})
+    return examples, lengths
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -179,19 +232,18 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """Train; returns the last logged metrics (and ``preempted`` / ``export`` entries)."""
     setup = setup_run(config, workdir)
     mesh, tokenizer, mcfg, eos = setup.mesh, setup.tokenizer, setup.model_config, setup.eos_id
-    examples = encode(load_records(config), tokenizer, config.data, eos_id=eos,
-                      vocab_size=mcfg.vocab_size)
-    log.info("%d training examples; mean length %.1f tokens", len(examples),
-             float(np.mean([len(e) for e in examples])))
-    source = BatchSource(examples, batch_size=config.train.batch_size,
+    examples, lengths = host_examples(load_records(config), tokenizer, config, eos_id=eos,
+                                      vocab_size=mcfg.vocab_size)
+    log.info("%d training examples; mean length %.1f tokens; this host tokenized %d of them",
+             len(examples), float(np.mean(lengths)), examples.num_encoded)
+    source = BatchSource(examples, lengths=lengths, batch_size=config.train.batch_size,
                          max_length=config.data.max_length, seed=config.seed,
                          shuffle=config.data.shuffle, packing=config.data.packing,
                          min_bucket=config.data.min_bucket, pad_id=setup.pad_id)
 
     num_steps = config.train.num_steps
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"),
-                        every_steps=config.checkpoint.every_steps, keep=config.checkpoint.keep,
-                        async_save=config.checkpoint.async_save)
+    ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"), config.checkpoint)
+    finite = FiniteGuard.from_config(config, ckpt)
     resume_step = ckpt.latest_step() if config.checkpoint.resume else None
 
     # Params: loaded/initialised, or (when resuming) only their shapes: the checkpoint fills them.
@@ -232,7 +284,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         grad_accum_steps=config.train.grad_accum_steps,
         accum_weight="num_tokens" if config.sft.normalize == "token" else None,
         compute_dtype=config.train.compute_dtype or None,
-        trainable=trainable if config.optimizer.freeze else None, learning_rate=schedule)
+        trainable=trainable if config.optimizer.freeze else None, learning_rate=schedule,
+        skip_nonfinite=finite.skip)
 
     start = int(jax.device_get(state.step))
     timer = StepTimer(mcfg.num_params(),
@@ -241,7 +294,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     last: dict[str, Any] = {}
     preempted = False
     pidx, pcount = jax.process_index(), jax.process_count()
-    with PreemptionGuard() as guard, MetricsWriter(
+    with ckpt, PreemptionGuard() as guard, MetricsWriter(
             workdir, total_steps=num_steps, initial_step=start,
             tensorboard=config.metrics.tensorboard,
             progress_bar=config.metrics.progress_bar) as writer:
@@ -253,16 +306,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             step += 1
             data_position += 1
             timer.add(tokens=local["input_ids"].size * pcount)
+            finite.add(step, metrics)
             if step % config.train.log_every == 0 or step == num_steps:
                 metrics = jax.device_get(metrics)
                 metrics.update(timer.tick())
                 metrics["epoch"] = source.locate(data_position - 1)[0]
                 last = writer.write(step, metrics)
+                finite.check()
                 if step == start + 1:
                     log.info("step %d: loss %.4f (first step, includes compilation: %.1fs)",
                              step, float(metrics["loss"]), metrics["step_time"])
             stop = guard.should_stop(step)
             if ckpt.should_save(step) or stop or step == num_steps:
+                finite.check()  # never checkpoint (or later export) a diverged state
                 ckpt.save(step, state.to_dict(), {"data_position": data_position,
                                                   "time": time.time()})
             inject_fault(step)

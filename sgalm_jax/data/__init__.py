@@ -1,4 +1,5 @@
-"""Tasks (GSM8K, ARC-Challenge, MBPP, instruction/chat data, a built-in arithmetic task) and prompts.
+"""Tasks (GSM8K, ARC-Challenge, MBPP, instruction/chat data, distillation data with teacher
+responses, a built-in arithmetic task) and prompts.
 
 Typical use::
 
@@ -12,6 +13,7 @@ from sgalm_jax.data.arc import ARCTask
 from sgalm_jax.data.arithmetic import ArithmeticTask, check_arithmetic_sample, generate_problem
 from sgalm_jax.data.base import Example, LoadReport, Score, Task, get_task, list_tasks, register_task, truncate_at_stop
 from sgalm_jax.data.chat import AlpacaTask, ChatTask, UltraChatTask
+from sgalm_jax.data.distill import DistillationTask, LMSYSGPT5ChatTask
 from sgalm_jax.data.gsm8k import GSM8KTask, check_gsm8k_sample, check_gsm8k_sample_text, format_qa, parse_qa
 from sgalm_jax.data.math_steps import check_steps, extract_final_answer, normalize_number, numbers_equal
 from sgalm_jax.data.mbpp import MBPPTask, extract_code
@@ -45,11 +47,14 @@ for _name, _factory in [
     ("instruction", ChatTask),
     ("ultrachat", UltraChatTask),
     ("alpaca", AlpacaTask),
+    ("distill", DistillationTask),
+    ("lmsys_gpt5_chat", LMSYSGPT5ChatTask),
 ]:
     register_task(_name, _factory, overwrite=True)
 
 __all__ = [
-    "ARCTask", "AlpacaTask", "ArithmeticTask", "CHATML_TEMPLATE", "ChatTask", "Example", "GSM8KTask",
+    "ARCTask", "AlpacaTask", "ArithmeticTask", "CHATML_TEMPLATE", "ChatTask", "DistillationTask",
+    "Example", "GSM8KTask", "LMSYSGPT5ChatTask",
     "LoadReport", "MBPPTask", "PromptBuilder", "PromptConfig", "SGALMTemplates", "Score", "Task",
     "UltraChatTask", "check_arithmetic_sample", "check_gsm8k_sample", "check_gsm8k_sample_text",
     "check_steps", "ensure_chat_template", "extract_code", "extract_final_answer", "format_qa",

@@ -40,18 +40,47 @@ def _line_of(text: str, offset: int) -> int:
     return text.count("\n", 0, offset) + 1
 
 
+def _not_utf8(where: str, e: UnicodeDecodeError, column: int | None = None) -> DataError:
+    col = f" column {column}," if column is not None else ""
+    return DataError(f"{where}:{col} not UTF-8 text (byte 0x{e.object[e.start]:02x}: {e.reason}); "
+                     "convert the file to UTF-8")
+
+
+def check_data_file(path: str | os.PathLike, what: str = "data file") -> None:
+    """DataError naming ``path`` unless it is an existing, readable file (not a folder)."""
+    p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not a {what}")
+    if not p.exists():
+        raise DataError(f"{p}: {what} not found")
+    if not os.access(p, os.R_OK):
+        raise DataError(f"{p}: {what} is not readable (permission denied)")
+
+
+def iter_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 text file; a line that is not UTF-8 raises DataError
+    naming the file, line and column (instead of a UnicodeDecodeError with no location)."""
+    path = str(path)
+    check_data_file(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(f"{path}:{lineno}", e, e.start + 1) from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[RawRecord | MalformedRecord]:
     """Yield one record per non-blank line; undecodable lines are yielded as MalformedRecord."""
     path = str(path)
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            loc = f"{path}:{lineno}"
-            try:
-                yield RawRecord(json.loads(line), loc)
-            except json.JSONDecodeError as e:
-                yield MalformedRecord(loc, f"invalid JSON ({e.msg} at column {e.colno})")
+    for lineno, line in iter_lines(path):
+        if not line.strip():
+            continue
+        loc = f"{path}:{lineno}"
+        try:
+            yield RawRecord(json.loads(line), loc)
+        except json.JSONDecodeError as e:
+            yield MalformedRecord(loc, f"invalid JSON ({e.msg} at column {e.colno})")
 
 
 def iter_json(path: str | os.PathLike) -> Iterator[RawRecord | MalformedRecord]:
@@ -61,7 +90,13 @@ def iter_json(path: str | os.PathLike) -> Iterator[RawRecord | MalformedRecord]:
     line is known. A file whose content is JSON Lines despite the ``.json`` suffix is read as such.
     """
     path = str(path)
-    text = Path(path).read_text(encoding="utf-8")
+    check_data_file(path)
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise _not_utf8(f"{path}:{line}", e) from None
     dec = json.JSONDecoder()
     i = len(text) - len(text.lstrip())
     if i >= len(text):
@@ -124,8 +159,7 @@ def iter_parquet(path: str | os.PathLike) -> Iterator[RawRecord]:
 def iter_local_file(path: str | os.PathLike) -> Iterator[RawRecord | MalformedRecord]:
     """Dispatch on the file suffix (.jsonl, .json, .parquet)."""
     p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: data file not found")
+    check_data_file(p)
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         return iter_jsonl(p)
@@ -199,8 +233,7 @@ def resolve_local(
         v = data_files[split]
         paths = [Path(v)] if isinstance(v, (str, os.PathLike)) else [Path(x) for x in v]
         for p in paths:
-            if not p.is_file():
-                raise DataError(f"{p}: data file for split {split!r} not found")
+            check_data_file(p, f"data file for split {split!r}")
         return paths
     if source is None or not is_local_source(source):
         return None

@@ -157,13 +157,26 @@ class ModelConfig:
                 path = os.path.join(path, "config.json")
             where = path
             try:
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     hf = json.load(f)
             except FileNotFoundError:
                 raise ConfigError(f"{path}: no config.json found") from None
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        return cls(**{**_parse_hf(hf, where), **overrides})
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except OSError as e:  # a folder named config.json, permissions, ...
+                raise ConfigError(f"{path}: cannot read ({e.strerror or e})") from None
+        if not isinstance(hf, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object (a model config), got "
+                              f"{type(hf).__name__}")
+        try:
+            fields = _parse_hf(hf, where)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, AttributeError) as e:  # e.g. "hidden_size": "big"
+            raise ConfigError(f"{where}: malformed model config ({type(e).__name__}: {e})") from None
+        return cls(**{**fields, **overrides})
 
     def to_hf(self) -> dict[str, Any]:
         """An HF ``config.json`` dict (v4 layout, which transformers v4 and v5 both read)."""

@@ -2,7 +2,10 @@
 
 One declarative table per family maps HF tensor names to our module paths (with a transpose for
 linear weights: torch stores ``[out, in]``, our kernels are ``[in, out]``). The same table drives
-loading and saving, so the two directions cannot drift apart.
+loading and saving, so the two directions cannot drift apart. The sequence scorer
+(:class:`~sgalm_jax.models.score.ScoreModel`, HF's ``*ForSequenceClassification`` with one label)
+uses the same table with ``score.weight`` in place of ``lm_head.weight``
+(:func:`load_score_model`, :func:`save_score_model`).
 
 Loading streams the checkpoint one tensor at a time: each tensor is read, cast on the host and placed
 straight into its sharding, so the host never holds more than one tensor beyond the params.
@@ -16,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Callable, Iterator
 
 import jax
@@ -25,12 +27,15 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy)
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from sgalm_jax.errors import CheckpointError
+from sgalm_jax.fileio import apply_umask, describe_os_error, make_temp_dir
 from sgalm_jax.models.config import ModelConfig, dtype_name, resolve_dtype
+from sgalm_jax.models.lora import adapter_modules, merged_kernel
 from sgalm_jax.models.transformer import CausalLM
+from sgalm_jax.models.score import DEFAULT_HEAD_STD, ScoreModel, init_head_kernel
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +107,25 @@ FAMILY_TABLES: dict[str, tuple[Rule, ...]] = {
 }
 
 
-def expand_table(config: ModelConfig) -> dict[str, tuple[tuple[Any, ...], bool]]:
-    """HF tensor name -> (our state path, transpose) for every tensor this config has."""
+# The scalar head of HF's *ForSequenceClassification (num_labels=1, no bias); replaces lm_head.
+SCORE_RULE = Rule("score.weight", "score.kernel", transpose=True)
+HEADS = ("lm_head", "score")
+
+
+def expand_table(config: ModelConfig, head: str = "lm_head") -> dict[str, tuple[tuple[Any, ...], bool]]:
+    """HF tensor name -> (our state path, transpose) for every tensor this config has.
+
+    ``head="lm_head"``: a causal LM (:class:`CausalLM`); ``head="score"``: a sequence scorer
+    (:class:`ScoreModel`), the same body with ``score.weight`` instead of ``lm_head.weight``.
+    """
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+    rules = [r for r in FAMILY_TABLES[config.model_type]
+             if not (head == "score" and r.hf == "lm_head.weight")]
+    if head == "score":
+        rules.append(SCORE_RULE)
     out: dict[str, tuple[tuple[Any, ...], bool]] = {}
-    for rule in FAMILY_TABLES[config.model_type]:
+    for rule in rules:
         if not rule.when(config):
             continue
         layers = range(config.num_hidden_layers) if "{i}" in rule.hf else [None]
@@ -122,10 +142,16 @@ def _tensor_files(path: str) -> dict[str, str]:
     index_path = os.path.join(path, SAFE_INDEX)
     if os.path.exists(index_path):
         try:
-            with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+            weight_map = index["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as e:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index "
+                                  f"({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+            raise CheckpointError(f"{index_path}: 'weight_map' must map tensor names to file "
+                                  f"names, got {type(weight_map).__name__}")
         files = {name: os.path.join(path, fname) for name, fname in weight_map.items()}
         for fname in sorted(set(files.values())):
             if not os.path.exists(fname):
@@ -162,42 +188,35 @@ def _read_tensors(files: dict[str, str], names: set[str]) -> Iterator[tuple[str,
                     raise CheckpointError(f"{fname}: cannot read tensor {name!r} ({e})") from None
 
 
-def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
-                    mesh: Mesh | None = None, rules: dict[str, Any] | None = None,
-                    **config_overrides: Any) -> CausalLM:
-    """Load an HF-format checkpoint directory into a :class:`CausalLM`.
-
-    ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype (both default to the
-    checkpoint's own dtype; giving only ``dtype`` sets both). With ``mesh``, each tensor is placed
-    directly into its sharding. A missing, unexpected or wrongly shaped tensor raises
-    :class:`CheckpointError` naming it. Extra keyword arguments override config fields (e.g.
-    ``remat="full"``).
-    """
-    path = os.fspath(path)
+def _resolve_config(path: str, dtype: Any, param_dtype: Any,
+                    config_overrides: dict[str, Any]) -> ModelConfig:
     overrides = dict(config_overrides)
     if dtype is not None:
         overrides["dtype"] = resolve_dtype(dtype)
         overrides.setdefault("param_dtype", resolve_dtype(param_dtype or dtype))
     if param_dtype is not None:
         overrides["param_dtype"] = resolve_dtype(param_dtype)
-    config = ModelConfig.from_hf(path, **overrides)
-    files = _tensor_files(path)
-    table = expand_table(config)
+    return ModelConfig.from_hf(path, **overrides)
 
-    present = {n for n in files if not _IGNORED.search(n)}
-    if config.tie_word_embeddings and "lm_head.weight" in present:
-        present.discard("lm_head.weight")  # tied: the head is the embedding; a stored copy is unused
-    missing = sorted(set(table) - present)
+
+def _check_names(path: str, config: ModelConfig, wanted: set[str], present: set[str]) -> None:
+    """CheckpointError naming the first missing or unexpected tensor."""
+    missing = sorted(wanted - present)
     if missing:
         raise CheckpointError(f"{path}: tensor {missing[0]!r} is missing from the checkpoint"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(present - set(table))
+    unexpected = sorted(present - wanted)
     if unexpected:
         raise CheckpointError(
             f"{path}: unexpected tensor {unexpected[0]!r} for a {config.model_type} model"
             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
-    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+
+def _load_state(path: str, files: dict[str, str], table: dict[str, tuple[tuple[Any, ...], bool]],
+                names: set[str], abstract: nnx.Module, mesh: Mesh | None,
+                rules: dict[str, Any] | None) -> tuple[nnx.GraphDef, dict, dict, dict | None]:
+    """Read ``names`` (a subset of ``table``) into the params of ``abstract``, each placed into its
+    sharding; returns (graphdef, loaded flat state, abstract flat state, flat shardings or None)."""
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None
     if mesh is not None:
@@ -207,7 +226,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
     flat = dict(nnx.to_flat_state(abstract_state))
 
     loaded: dict[tuple[Any, ...], Any] = {}
-    for name, array in _read_tensors(files, set(table)):
+    for name, array in _read_tensors(files, names):
         our_path, transpose = table[name]
         var = flat[our_path]
         want = var.get_value()
@@ -225,8 +244,110 @@ def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: 
             value = jnp.asarray(array)
         loaded[our_path] = var.replace(value)
         del array
-    state = nnx.from_flat_state(loaded)
-    return nnx.merge(graphdef, state)
+    return graphdef, loaded, flat, shardings
+
+
+def _present(files: dict[str, str]) -> set[str]:
+    return {n for n in files if not _IGNORED.search(n)}
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = None,
+                    mesh: Mesh | None = None, rules: dict[str, Any] | None = None,
+                    **config_overrides: Any) -> CausalLM:
+    """Load an HF-format checkpoint directory into a :class:`CausalLM`.
+
+    ``dtype`` is the compute dtype and ``param_dtype`` the storage dtype (both default to the
+    checkpoint's own dtype; giving only ``dtype`` sets both). With ``mesh``, each tensor is placed
+    directly into its sharding. A missing, unexpected or wrongly shaped tensor raises
+    :class:`CheckpointError` naming it. Extra keyword arguments override config fields (e.g.
+    ``remat="full"``).
+    """
+    path = os.fspath(path)
+    config = _resolve_config(path, dtype, param_dtype, config_overrides)
+    files = _tensor_files(path)
+    table = expand_table(config)
+
+    present = _present(files)
+    if config.tie_word_embeddings and "lm_head.weight" in present:
+        present.discard("lm_head.weight")  # tied: the head is the embedding; a stored copy is unused
+    if "score.weight" in present:
+        raise CheckpointError(f"{path}: has a 'score.weight' head (a *ForSequenceClassification "
+                              "checkpoint); load it with load_score_model")
+    _check_names(path, config, set(table), present)
+
+    abstract = nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, loaded, _, _ = _load_state(path, files, table, set(table), abstract, mesh, rules)
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
+
+
+def _read_hf_json(path: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return {}  # ModelConfig.from_hf has already reported a missing or invalid config.json
+
+
+def _num_labels(hf: dict[str, Any]) -> int | None:
+    if "num_labels" in hf:
+        return int(hf["num_labels"])
+    if isinstance(hf.get("id2label"), dict):
+        return len(hf["id2label"])
+    return None
+
+
+def load_score_model(path: str | os.PathLike, *, seed: int = 0, head_std: float | None = None,
+                     dtype: Any = None, param_dtype: Any = None, mesh: Mesh | None = None,
+                     rules: dict[str, Any] | None = None, **config_overrides: Any) -> ScoreModel:
+    """Load a :class:`ScoreModel` (a discriminator / reward model) from an HF checkpoint.
+
+    Two kinds of checkpoint are accepted, told apart by whether ``score.weight`` is stored:
+
+    * an HF ``*ForSequenceClassification`` checkpoint with ``num_labels=1`` (ours, exported by
+      :func:`save_score_model`, or transformers'): every tensor is loaded;
+    * an HF causal LM (``*ForCausalLM``): the body is loaded, ``lm_head.weight`` (if any) is dropped,
+      and the head is initialised freshly from ``seed``, normal(0, ``head_std``) with ``head_std``
+      defaulting to the checkpoint's ``initializer_range`` (0.02), as transformers would.
+
+    Dtypes, ``mesh`` (each tensor placed straight into its sharding; the head's kernel is
+    ``('embed', None)``, i.e. sharded like the embedding's hidden dim) and the errors are those of
+    :func:`load_pretrained`. A classification checkpoint with ``num_labels != 1`` is a
+    :class:`CheckpointError`.
+    """
+    path = os.fspath(path)
+    config = _resolve_config(path, dtype, param_dtype, config_overrides)
+    hf = _read_hf_json(path)
+    files = _tensor_files(path)
+    table = expand_table(config, head="score")
+    present = _present(files)
+    labels = _num_labels(hf)
+    archs = [a for a in hf.get("architectures") or [] if isinstance(a, str)]
+    is_classifier = "score.weight" in present or any(a.endswith("ForSequenceClassification")
+                                                     for a in archs)
+    if is_classifier and "score.weight" in present:
+        with _open_safetensors(files["score.weight"]) as f:
+            labels = int(f.get_slice("score.weight").get_shape()[0])
+    if is_classifier and labels is not None and labels != 1:
+        raise CheckpointError(f"{path}: num_labels={labels} ('score.weight' has {labels} rows); "
+                              "a scalar scorer needs num_labels=1")
+    if not is_classifier:
+        present.discard("lm_head.weight")
+        present.add("score.weight")  # initialised below
+    _check_names(path, config, set(table), present)
+
+    abstract = nnx.eval_shape(lambda: ScoreModel(config, rngs=nnx.Rngs(0)))
+    names = set(table) if is_classifier else set(table) - {"score.weight"}
+    graphdef, loaded, flat, shardings = _load_state(path, files, table, names, abstract, mesh,
+                                                    rules)
+    if not is_classifier:
+        std = float(head_std if head_std is not None else hf.get("initializer_range")
+                    or DEFAULT_HEAD_STD)
+        head_path, _ = table["score.weight"]
+        kernel = init_head_kernel(config, seed, std)
+        if shardings is not None:
+            kernel = jax.device_put(kernel, shardings[head_path].get_value())
+        loaded[head_path] = flat[head_path].replace(kernel)
+    return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -262,28 +383,78 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
                     dtype: Any = None, max_shard_size: int | str = "5GB") -> None:
     """Write ``config.json`` + safetensors (sharded past ``max_shard_size``) that transformers loads.
 
-    The files are written to a temporary directory beside ``path`` and moved into place only when
+    A model with LoRA adapters is written merged (each adapted kernel as ``W + scale * A @ B``,
+    computed on the host one tensor at a time); :func:`sgalm_jax.models.peft.save_peft_adapter`
+    writes the adapters alone. The files are written to a temporary directory beside ``path`` and moved into place only when
     complete, so an interrupted export never leaves a half-written checkpoint. ``dtype`` casts the
     weights (default: their own dtype). ``tokenizer`` is saved alongside when given.
     """
-    path = os.fspath(path)
+    _save(model, os.fspath(path), expand_table(model.config), model.config.to_hf(),
+          tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+
+
+_CLASSIFIER_ARCH = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama", "mistral": "Mistral"}
+
+
+def save_score_model(model: ScoreModel, path: str | os.PathLike, *, tokenizer: Any = None,
+                     pad_token_id: int | None = None, dtype: Any = None,
+                     max_shard_size: int | str = "5GB") -> None:
+    """Export a :class:`ScoreModel` as an HF ``*ForSequenceClassification`` with ``num_labels=1``.
+
+    ``transformers.AutoModelForSequenceClassification.from_pretrained(path)`` loads it and, on the
+    same tokens, gives the same scores. transformers pools at the last token that is not
+    ``pad_token_id``, and refuses batches of more than one row without one, so ``config.json`` gets
+    ``pad_token_id``: the argument, else the model config's, else the tokenizer's; if none is known
+    this is a :class:`CheckpointError`. The write is atomic as in :func:`save_pretrained`.
+    """
+    config: ModelConfig = model.config
+    if pad_token_id is None:
+        pad_token_id = config.pad_token_id
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_token_id is None:
+        raise CheckpointError(f"{os.fspath(path)}: no pad_token_id for the exported classifier "
+                              "(transformers needs one to find the last token); pass "
+                              "pad_token_id= or a tokenizer with a pad token")
+    hf_config = config.to_hf()
+    hf_config["architectures"] = [_CLASSIFIER_ARCH[config.model_type] + "ForSequenceClassification"]
+    hf_config["id2label"] = {"0": "LABEL_0"}
+    hf_config["label2id"] = {"LABEL_0": 0}
+    hf_config["num_labels"] = 1
+    hf_config["pad_token_id"] = int(pad_token_id)
+    _save(model, os.fspath(path), expand_table(config, head="score"), hf_config,
+          tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
+
+
+def _save(model: nnx.Module, path: str, table: dict[str, tuple[tuple[Any, ...], bool]],
+          hf_config: dict[str, Any], *, tokenizer: Any, dtype: Any,
+          max_shard_size: int | str) -> None:
     config: ModelConfig = model.config
     out_dtype = resolve_dtype(dtype) if dtype is not None else config.param_dtype
     limit = parse_size(max_shard_size)
-    table = expand_table(config)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    # LoRA: adapted kernels are exported merged (the adapters' own leaves are not HF tensors).
+    scales = {tuple(int(p) if p.isdigit() else p for p in path.split("/")): m.scale
+              for path, m in adapter_modules(model).items()}
+
+    def host_value(our_path: tuple[Any, ...]) -> np.ndarray:
+        value = _host_array(flat[our_path].get_value())
+        module = our_path[:-1]
+        if our_path[-1] == "kernel" and module in scales:
+            value = merged_kernel(value, _host_array(flat[(*module, "lora", "a")].get_value()),
+                                  _host_array(flat[(*module, "lora", "b")].get_value()),
+                                  scales[module])
+        return value
 
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    tmp = make_temp_dir(parent, ".export-")  # the umask's mode, not mkdtemp's 0700
     try:
         shards: list[list[str]] = [[]]
         sizes = [0]
-        nbytes_of = {}
         for name, (our_path, _) in table.items():
             value = flat[our_path].get_value()
             nbytes = int(np.prod(value.shape)) * jnp.dtype(out_dtype).itemsize
-            nbytes_of[name] = nbytes
             if shards[-1] and sizes[-1] + nbytes > limit:
                 shards.append([])
                 sizes.append(0)
@@ -296,7 +467,7 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
             tensors = {}
             for name in names:
                 our_path, transpose = table[name]
-                array = _host_array(flat[our_path].get_value()).astype(out_dtype)
+                array = host_value(our_path).astype(out_dtype)
                 tensors[name] = np.ascontiguousarray(array.T if transpose else array)
                 weight_map[name] = fname
             if jax.process_index() == 0:
@@ -307,13 +478,17 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
                 with open(os.path.join(tmp, SAFE_INDEX), "w") as f:
                     json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map},
                               f, indent=2)
-            hf_config = config.to_hf()
+            hf_config = dict(hf_config)
             hf_config["torch_dtype"] = dtype_name(out_dtype)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(hf_config, f, indent=2)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            apply_umask(tmp)  # safetensors writes 0600: readable as the umask allows instead
             _move_into_place(tmp, path)
+    except (OSError, SafetensorError) as e:  # e.g. a full disk: the old export is untouched
+        why = describe_os_error(e) if isinstance(e, OSError) else str(e)
+        raise CheckpointError(f"{path}: cannot write the export ({why})") from None
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)

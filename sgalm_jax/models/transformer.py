@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sgalm_jax.models.config import ModelConfig
+from sgalm_jax.models.lora import layer_scope
 from sgalm_jax.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 _INIT_STD = 0.02
@@ -29,7 +30,8 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)`` with kernel [in, out] (the transpose of torch's weight)."""
+    """``y = x @ kernel (+ bias)`` with kernel [in, out] (the transpose of torch's weight), plus
+    ``lora(x)`` when :func:`sgalm_jax.models.lora.add_adapters` gave the layer an adapter."""
 
     def __init__(self, din: int, dout: int, *, axes: tuple[str, str], use_bias: bool,
                  config: ModelConfig, rngs: nnx.Rngs):
@@ -39,11 +41,15 @@ class Linear(nnx.Module):
             if use_bias else None
         )
         self.dtype = config.dtype
+        self.lora = nnx.data(None)  # a LoraAdapter (sgalm_jax.models.lora) on adapted layers
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y
 
 
@@ -274,14 +280,15 @@ class DecoderModel(nnx.Module):
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             index = None if cache is None else cache.index
-            if self.config.remat != "none" and cache is None:
-                policy = _REMAT_POLICIES[self.config.remat]
-                x, _ = nnx.remat(lambda l, *a: l(*a), policy=policy)(layer, x, cos, sin, mask)
-            else:
-                x, new_kv = layer(x, cos, sin, mask, kv, index)
-                if new_kv is not None:
-                    new_k.append(new_kv[0])
-                    new_v.append(new_kv[1])
+            with layer_scope(i):  # LoRA dropout masks differ per layer (a no-op without dropout)
+                if self.config.remat != "none" and cache is None:
+                    policy = _REMAT_POLICIES[self.config.remat]
+                    x, _ = nnx.remat(lambda l, *a: l(*a), policy=policy)(layer, x, cos, sin, mask)
+                else:
+                    x, new_kv = layer(x, cos, sin, mask, kv, index)
+                    if new_kv is not None:
+                        new_k.append(new_kv[0])
+                        new_v.append(new_kv[1])
         x = self.norm(x)
         if cache is None:
             return x, None

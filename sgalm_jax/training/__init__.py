@@ -1,5 +1,6 @@
 """The training core shared by every algorithm: optimizers, train state, a generic jitted train
-step, Orbax checkpoints with resume and preemption handling, metric writers, multi-host start-up.
+step, Orbax checkpoints with resume, checksums and preemption handling, divergence detection
+(:class:`FiniteGuard`), the run directory's checks and lock, metric writers, multi-host start-up.
 
 Typical use (what ``sgalm_jax.algorithms.sft`` does)::
 
@@ -9,9 +10,15 @@ Typical use (what ``sgalm_jax.algorithms.sft`` does)::
     step = make_train_step(model_loss(graphdef, my_loss), tx, mesh=mesh,
                            state_shardings=shardings, learning_rate=schedule)
     state, metrics = step(state, batch)
+
+Algorithms with several models (a generator and a discriminator, a policy and its KL reference)
+declare them as :class:`Roles` (``training/roles.py``): named learners and frozen models, their
+train steps, and one checkpoint for all of them. With ``lora.enabled`` the roles are LoRA adapter
+sets on one shared frozen base (``training/lora_setup.py``, docs/lora.md).
 """
 
 from sgalm_jax.training.checkpoint import Checkpointer, PreemptionGuard, inject_fault
+from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.metrics import MetricsWriter, StepTimer, mfu, peak_flops_per_device
 from sgalm_jax.training.optimizers import (
     freeze_params,
@@ -22,6 +29,8 @@ from sgalm_jax.training.optimizers import (
     torch_sgd,
     trainable_mask,
 )
+from sgalm_jax.training.roles import Role, Roles, copy_params
+from sgalm_jax.training import lora_setup  # noqa: F401  (registers the `lora` config section)
 from sgalm_jax.training.state import (
     TrainState,
     abstract_like,
@@ -33,14 +42,21 @@ from sgalm_jax.training.state import (
     train_state_shardings,
 )
 from sgalm_jax.training.train_step import make_train_step
+from sgalm_jax.training.workdir import WorkdirLock, check_workdir
 
 __all__ = [
     "Checkpointer",
+    "FiniteGuard",
     "MetricsWriter",
     "PreemptionGuard",
+    "Role",
+    "Roles",
     "StepTimer",
     "TrainState",
+    "WorkdirLock",
     "abstract_like",
+    "check_workdir",
+    "copy_params",
     "create_train_state",
     "freeze_params",
     "inject_fault",

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+import weakref
 from typing import Any, Mapping
 
 import jax
@@ -68,6 +69,19 @@ def _scalar(v: Any) -> float | int | None:
     return x
 
 
+_OPEN: "weakref.WeakSet[MetricsWriter]" = weakref.WeakSet()
+
+
+def close_all_writers() -> None:
+    """Close every MetricsWriter still open (``main`` calls this on error paths: TensorBoard's
+    background thread must not outlive the error message)."""
+    for writer in list(_OPEN):
+        try:
+            writer.close()
+        except Exception:  # noqa: BLE001 - closing after an error must not raise another
+            pass
+
+
 class MetricsWriter:
     """Writes scalar metrics to ``workdir/metrics.jsonl``, TensorBoard and a progress bar."""
 
@@ -84,6 +98,7 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+        _OPEN.add(self)
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -131,21 +146,31 @@ class MetricsWriter:
             self._jsonl.flush()
 
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-            self._bar = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
+        """Close the bar, TensorBoard and the JSONL file (all of them, even if one fails)."""
+        _OPEN.discard(self)
+        first_error = None
+        for name in ("_bar", "_tb", "_jsonl"):
+            obj = getattr(self, name)
+            setattr(self, name, None)
+            if obj is not None:
+                try:
+                    obj.close()
+                except OSError as e:  # e.g. a full disk when flushing
+                    first_error = first_error or e
+        if first_error is not None:
+            raise first_error
 
     def __enter__(self) -> "MetricsWriter":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # an error is on its way already: do not mask it
+            self.close()
+        except OSError:
+            pass
 
 
 class StepTimer:

@@ -34,7 +34,10 @@ def model_config(model_cfg: Any) -> ModelConfig:
     if model_cfg.path:
         if not os.path.exists(os.path.join(model_cfg.path, "config.json")):
             raise ConfigError(f"model.path: no config.json in {model_cfg.path!r}")
-        return ModelConfig.from_hf(model_cfg.path, **overrides)
+        try:
+            return ModelConfig.from_hf(model_cfg.path, **overrides)
+        except ConfigError as e:
+            raise ConfigError(f"model.path: {e}") from None
     if not model_cfg.init:
         raise ConfigError("model.path: no model given; set model.path (an HF checkpoint "
                           "directory) or model.init (a preset such as 'tiny-qwen2')")
@@ -42,10 +45,13 @@ def model_config(model_cfg: Any) -> ModelConfig:
         hf = dict(MODEL_PRESETS[model_cfg.init])
     else:
         try:
-            with open(model_cfg.init) as f:
+            with open(model_cfg.init, encoding="utf-8") as f:
                 hf = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # ValueError: bad JSON or not UTF-8
             raise ConfigError(f"model.init: cannot read {model_cfg.init!r} ({e})") from None
+        if not isinstance(hf, dict):
+            raise ConfigError(f"model.init: {model_cfg.init!r} holds a JSON "
+                              f"{type(hf).__name__}, not an object (an HF config.json)")
     hf.update(_plain(model_cfg.hf_config))
     try:
         return ModelConfig.from_hf(hf, **overrides)

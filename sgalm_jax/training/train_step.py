@@ -17,7 +17,10 @@ The step:
    micro-batches are weighted by the metric named ``accum_weight`` (e.g. ``num_tokens``, which makes
    k micro-batches of a token-mean loss equal the full batch exactly) or equally;
 5. applies the optimizer, increments ``step`` and returns metrics (+ ``grad_norm``,
-   ``learning_rate``), replicated.
+   ``learning_rate``), replicated;
+6. with ``skip_nonfinite``, keeps the previous params and optimizer state when the loss or the
+   gradient norm is NaN/inf (metric ``skipped`` = 1), like ``optax.apply_if_finite``; the loop's
+   :class:`~sgalm_jax.training.finite.FiniteGuard` reports it (``train.nonfinite = "skip"``).
 
 It is jitted with explicit ``in_shardings``/``out_shardings`` and donates the state.
 """
@@ -66,6 +69,7 @@ def make_train_step(
     trainable: Any = None,
     learning_rate: Callable[[Any], Any] | float | None = None,
     donate: bool = True,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """A jitted ``step(state, batch, *extra) -> (state, metrics)``.
 
@@ -84,6 +88,8 @@ def make_train_step(
       trainable: bool tree like the params; False leaves get no gradient.
       learning_rate: schedule (or constant) reported as the ``learning_rate`` metric.
       donate: donate the input state's buffers to the output.
+      skip_nonfinite: do not apply a step whose loss or gradient norm is not finite (its
+        ``skipped`` metric is 1; step and RNG still advance).
     """
     k = int(grad_accum_steps)
     if k < 1:
@@ -152,6 +158,12 @@ def make_train_step(
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics["grad_norm"] = optax.global_norm(grads)
+        if skip_nonfinite:
+            ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+            keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+            params = jax.tree.map(keep, params, state.params)
+            opt_state = jax.tree.map(keep, opt_state, state.opt_state)
+            metrics["skipped"] = jnp.logical_not(ok).astype(jnp.int32)
         if learning_rate is not None:
             lr = learning_rate(state.step) if callable(learning_rate) else learning_rate
             metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)

@@ -81,6 +81,27 @@ def test_json_array_errors_name_line(tmp_path):
         GSM8KTask(str(f)).load("test")
 
 
+def test_undecodable_and_folder_data_files_are_named(tmp_path):
+    """Bytes that are not UTF-8 name the file, line and column; a folder given as a data file is
+    said to be a folder (not "not found")."""
+    f = tmp_path / "latin1.jsonl"
+    f.write_bytes(GOOD.encode() + b"\n" + '{"question": "caf\u00e9", "answer": "#### 1"}'.encode("latin-1")
+                  + b"\n")
+    with pytest.raises(DataError, match=rf"^{f}:2: column 18, not UTF-8 text \(byte 0xe9"):
+        GSM8KTask(str(f)).load("train")
+    j = tmp_path / "latin1.json"
+    j.write_bytes(b'[\n {"question": "a", "answer": "#### 1"},\n {"question": "\xff"}\n]\n')
+    with pytest.raises(DataError, match=rf"^{j}:3: not UTF-8 text"):
+        GSM8KTask(str(j)).load("train")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + GOOD.encode() + b"\n")  # a UTF-8 BOM is fine
+    assert len(GSM8KTask(str(bom)).load("train")) == 1
+    folder = tmp_path / "train.jsonl.d"
+    folder.mkdir()
+    with pytest.raises(DataError, match=rf"^{folder}: is a folder, not a data file"):
+        GSM8KTask(data_files={"train": str(folder)}).load("train")
+
+
 def test_parquet_and_directory_layout(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq

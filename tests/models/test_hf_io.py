@@ -174,6 +174,54 @@ def test_unsupported_architecture_and_rope(hf_model_dir, tmp_path):
         load_pretrained(path)
 
 
+def test_json_of_the_wrong_shape_is_named(hf_model_dir, tmp_path):
+    """A config.json that is not an object, or a folder; an index whose weight_map is not a
+    mapping: each a clear error naming the file (no raw AttributeError / TypeError)."""
+    path = tmp_path / "m"
+    path.mkdir()
+    (path / "config.json").write_text("[1, 2, 3]")
+    with pytest.raises(ConfigError, match=rf"^{path}/config.json: expected a JSON object"):
+        load_pretrained(path)
+    (path / "config.json").write_text('{"model_type": "llama", "hidden_size": "big", '
+                                      '"num_attention_heads": 2}')
+    with pytest.raises(ConfigError, match=rf"^{path}/config.json: malformed model config"):
+        load_pretrained(path)
+    os.remove(path / "config.json")
+    (path / "config.json").mkdir()
+    with pytest.raises(ConfigError, match=rf"^{path}/config.json: cannot read"):
+        load_pretrained(path)
+
+    sharded = tmp_path / "sharded"
+    make_hf_model("qwen2").save_pretrained(sharded, max_shard_size="50KB")
+    index = sharded / "model.safetensors.index.json"
+    for bad in ({"weight_map": ["model-00001-of-00002.safetensors"]}, ["weight_map"],
+                {"weight_map": {"lm_head.weight": 3}}):
+        index.write_text(json.dumps(bad))
+        with pytest.raises(CheckpointError, match=rf"^{index}: "):
+            load_pretrained(sharded)
+
+
+def test_export_is_readable_as_the_umask_allows(tmp_path):
+    """Exported folders and files get 0777/0666 minus the umask (group-readable under 022/027),
+    not the 0700/0600 of tempfile and safetensors."""
+    import stat
+
+    from flax import nnx
+
+    model = CausalLM(ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=16,
+                                 intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1), rngs=nnx.Rngs(0))
+    old = os.umask(0o027)
+    try:
+        save_pretrained(model, tmp_path / "export")
+    finally:
+        os.umask(old)
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(tmp_path / "export") == 0o750
+    assert {f: mode(tmp_path / "export" / f) for f in os.listdir(tmp_path / "export")} == {
+        "config.json": 0o640, "model.safetensors": 0o640}
+
+
 def test_missing_directory_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="config.json"):
         load_pretrained(tmp_path / "nope")
