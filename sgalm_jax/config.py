@@ -223,8 +223,8 @@ _SCHEMA: dict[str, Any] = {
                            "its row ends) or auto (continuous when a call has more rows than "
                            "sampling.num_slots, else static)"),
         "num_slots": (0, "rows decoded at once (continuous: slots, static: batch rows); 0 = the "
-                         X
-                         "self-play: all rows of a generation chunk"),
+                         "algorithm's own size: sgalm.sample_batch_size, eval.batch_size, GRPO "
+                         "train.batch_size, self-play 2 x train.batch_size"),
         "prefill_chunk": (0, "continuous: prompts per prefill; 0 = enough to fill every slot"),
         "refill_min": (0, "continuous: go back to the host to refill slots once this many are "
                           "free; 0 = num_slots / 32 (at least 1)"),
