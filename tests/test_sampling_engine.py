@@ -271,6 +271,31 @@ def test_host_local_equals_global_and_simulated_hosts(qwen2, cont, sharded):
     assert sampler.num_compilations <= 4 + 2 * 2
 
 
+# ---------------------------------------------------------------------------------------- LoRA
+def test_lora_adapters_are_in_the_sampled_model(hf_model_dir, qwen2, cont):
+    """A LoRA model (adapters on every projection, B non-zero) through the engine gives the rows of
+    the same model with the adapters folded into its kernels (merge_adapters), which differ from the
+    base model's: the engine samples the adapted model, not its base."""
+    from sgalm_jax.models import lora as L
+
+    model = load_pretrained(hf_model_dir("qwen2"))
+    L.add_adapters(model, L.LoraSpec(rank=2, alpha=4.0), seed=1)
+    rs = np.random.RandomState(0)
+    for ad in L.adapter_modules(model).values():
+        ad.b.set_value(jnp.asarray(0.05 * rs.randn(*ad.b.get_value().shape), jnp.float32))
+    merged = L.merge_adapters(model)
+    prompts, limits = _workload(n=6, seed=3)
+    kw = dict(max_new_tokens=limits, rng=jax.random.key(0), **SAMPLED)
+    graphdef, state = nnx.split(model)
+    got = Sampler(graphdef, model.config, engine="continuous", num_slots=SLOTS).generate(
+        state, prompts, **kw)
+    want = cont.generate(nnx.split(merged)[1], prompts, **kw)  # the plain graph's programs
+    base = cont.generate(qwen2[2], prompts, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-4)
+    assert not np.array_equal(got.tokens, base.tokens)
+
+
 # ------------------------------------------------------------------------------- the options
 def test_engine_choice_and_invalid_arguments(qwen2):
     model, graphdef, state = qwen2
