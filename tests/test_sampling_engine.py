@@ -283,7 +283,9 @@ def test_lora_adapters_are_in_the_sampled_model(hf_model_dir, qwen2, cont):
     rs = np.random.RandomState(0)
     for ad in L.adapter_modules(model).values():
         ad.b.set_value(jnp.asarray(0.05 * rs.randn(*ad.b.get_value().shape), jnp.float32))
-    merged = L.merge_adapters(model)
+    # merge_adapters writes the folded kernels into Variables it shares with `model` (flax 0.12's
+    # nnx.merge reuses them), so it gets a clone: `model` keeps its own kernels.
+    merged = L.merge_adapters(nnx.clone(model))
     prompts, limits = _workload(n=6, seed=3)
     kw = dict(max_new_tokens=limits, rng=jax.random.key(0), **SAMPLED)
     graphdef, state = nnx.split(model)
