@@ -558,10 +558,12 @@ class Sampler:
         if isinstance(rng, (int, np.integer)):
             rng = jax.random.key(int(rng))
         continuous = self.resolve_engine(len(limits), engine) == "continuous"
+        compiled = self.num_compilations
         if continuous or self.placement == "host_local":
             out = self._generate_continuous(state, rows, limits, mesh, mode=mode, stop_ids=stop,
                                             num_samples=num_samples, rng=rng,
                                             temperature=float(temperature), top_p=top_p)
+            self._report_compiles(compiled, "continuous", len(limits))
             return Generation(**out, prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                               num_samples=num_samples)
 
@@ -578,12 +580,21 @@ class Sampler:
             outs.append(self._generate_chunk(state, chunk, mesh, dp, mode, stop, width, lim,
                                              float(temperature), top_p, num_samples, key))
         tokens, logprobs, lengths, done = (np.concatenate(x) for x in zip(*outs))
+        self._report_compiles(compiled, "static", len(limits))
         # A row ended on a stop token iff its last token is one (a row stops at its first); `done`
         # also holds for rows that reached their own max length.
         done = done & np.isin(tokens[np.arange(len(lengths)), np.maximum(lengths - 1, 0)], stop)
         return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=done,
                           prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                           num_samples=num_samples)
+
+    def _report_compiles(self, before: int, engine: str, rows: int) -> None:
+        """Log the programs a call compiled (a bounded number per shape configuration: a count
+        that keeps growing from call to call means shapes are not being reused)."""
+        now = self.num_compilations
+        if now > before:
+            log.info("sampler: %s engine compiled %d program(s) for %d rows (%d so far)", engine,
+                     now - before, rows, now)
 
     def _generate_continuous(self, state, rows, limits, mesh, **kw) -> dict[str, np.ndarray]:
         """All rows through the continuous engine, on ``mesh`` or (``placement="host_local"``)
