@@ -86,6 +86,8 @@ DTYPES = ("float32", "bfloat16", "fp32", "bf16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
 SFT_NORMALIZE = ("token", "sequence", "sequence_sum", "sum")
 DISTRIBUTED_MODES = ("auto", "on", "off")
+SAMPLING_ENGINES = ("auto", "static", "continuous")
+SAMPLING_PLACEMENTS = ("global", "host_local")
 NONFINITE = ("error", "skip")
 ON_CORRUPT = ("error", "previous")
 
@@ -216,6 +218,27 @@ _SCHEMA: dict[str, Any] = {
         "distill": (False, "train on distillation pairs (SeqKD): prompts and teacher responses "
                            "read and cut as GAD reads them (the distill section), the loss on "
                            "the response and its end token"),
+    },
+    # --- the sampler every algorithm generates with (sampling.py, sampling_engine.py) -----------
+    "sampling": {
+        "engine": ("auto", "static (each batch decodes until its longest row ends), continuous "
+                           "(a fixed number of slots, each refilled with the next waiting row when "
+                           "its row ends) or auto (continuous when a call has more rows than "
+                           "sampling.num_slots, else static)"),
+        "num_slots": (0, "rows decoded at once (continuous: slots, static: batch rows); 0 = the "
+                         "algorithm's own size: sgalm.sample_batch_size, eval.batch_size, GRPO "
+                         "train.batch_size, self-play 2 x train.batch_size"),
+        "prefill_chunk": (0, "continuous: prompts per prefill; 0 = enough to fill every slot"),
+        "refill_min": (0, "continuous: go back to the host to refill slots once this many are "
+                          "free; 0 = num_slots / 32 (at least 1)"),
+        "min_slots": (0, "continuous: once no row waits, move the live rows to programs with half "
+                         "the slots, down to this many; 0 = num_slots / 4"),
+        "placement": ("global", "global (sample on the training mesh) or host_local (each host "
+                                "samples its share of the prompts on its own copy of the params, "
+                                "laid out on sampling.local_mesh; rows gathered in order)"),
+        "local_mesh": ({}, f"{FREE_FORM} host_local: the per-host sampling mesh, e.g. "
+                           "{'data': 2, 'tensor': 4}; {} = data over the host's devices (the "
+                           "params replicated on each)"),
     },
     "eval": {
         "tasks": ("gsm8k", "comma-separated tasks: gsm8k, arc (ARC-Challenge), mbpp, "
@@ -506,6 +529,12 @@ def validate_config(config: Any) -> None:
     _choice(config, "optimizer.schedule", SCHEDULES)
     _choice(config, "sft.normalize", SFT_NORMALIZE)
     _choice(config, "distributed.mode", DISTRIBUTED_MODES)
+    _choice(config, "sampling.engine", SAMPLING_ENGINES)
+    _choice(config, "sampling.placement", SAMPLING_PLACEMENTS)
+    for axis, size in dict(config.sampling.local_mesh).items():
+        if axis not in ("data", "fsdp", "tensor") or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"sampling.local_mesh: {axis}={size!r}; expected data/fsdp/tensor "
+                              "sizes >= 1")
     _choice(config, "train.nonfinite", NONFINITE)
     _choice(config, "checkpoint.on_corrupt", ON_CORRUPT)
     if config.model.init and config.model.path:
@@ -525,7 +554,9 @@ def validate_config(config: Any) -> None:
     non_negative = ["optimizer.warmup_steps", "optimizer.decay_steps", "optimizer.weight_decay",
                     "optimizer.momentum", "optimizer.max_grad_norm", "optimizer.eps",
                     "checkpoint.every_steps", "data.max_examples", "metrics.peak_tflops",
-                    "optimizer.end_lr_factor", "sft.logits_chunk_size", "train.max_skipped_steps"]
+                    "optimizer.end_lr_factor", "sft.logits_chunk_size", "train.max_skipped_steps",
+                    "sampling.num_slots", "sampling.prefill_chunk", "sampling.refill_min",
+                    "sampling.min_slots"]
     for key in non_negative:
         if get(config, key) < 0:
             raise ConfigError(f"{key}: must be >= 0, got {get(config, key)}")

@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "Generation", "Sampler", "TextGeneration", "generate", "generate_text", "scale_temperature",
-    "top_k_filter", "top_p_filter", "token_logprobs", "sample_tokens", "bucket_size",
+    "top_k_filter", "top_p_filter", "token_logprobs", "sample_tokens", "bucket_size", "row_limits",
+    "ENGINES",
 ]
 
 
@@ -239,6 +240,7 @@ class _DecodeState:
     position: jax.Array  # [N] int32: its position
     done: jax.Array  # [N] bool
     lengths: jax.Array  # [N] int32
+    limit: jax.Array  # [N] int32: the row's maximum new tokens
     step: jax.Array  # int32 scalar: tokens generated so far
     key: jax.Array
 
@@ -278,7 +280,7 @@ def _stopped(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
 
 
 def _prefill(graphdef, config: ModelConfig, prog: _Program, mesh: Mesh | None,
-             state, ids, mask, key, temperature, top_p) -> _DecodeState:
+             state, ids, mask, limit, key, temperature, top_p) -> _DecodeState:
     model: CausalLM = nnx.merge(graphdef, state)
     b, t = ids.shape
     n = prog.num_samples
@@ -304,12 +306,13 @@ def _prefill(graphdef, config: ModelConfig, prog: _Program, mesh: Mesh | None,
     key, sub = jax.random.split(key)
     first, first_lp = _select_with_logprobs(sub, logits, prog.mode, temperature, top_p)
     real_row = mask[:, -1]  # dummy rows added for bucketing have no real token
-    done = _stopped(first, prog.stop_ids) | ~real_row
+    done = _stopped(first, prog.stop_ids) | ~real_row | (limit <= 1)
     tokens = jnp.full((rows, prog.max_new), prog.pad_id, jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((rows, prog.max_new), jnp.float32).at[:, 0].set(first_lp)
     return _DecodeState(cache=cache, tokens=tokens, logprobs=logprobs, last=first,
                         position=mask.sum(-1).astype(jnp.int32), done=done,
-                        lengths=real_row.astype(jnp.int32), step=jnp.ones((), jnp.int32), key=key)
+                        lengths=real_row.astype(jnp.int32), limit=limit,
+                        step=jnp.ones((), jnp.int32), key=key)
 
 
 def _head_kernel(model: CausalLM) -> jax.Array:
@@ -340,12 +343,14 @@ def _decode(graphdef, prog: _Program, state, ds: _DecodeState, temperature, top_
         tok, lp = _select_with_logprobs(sub, logits, prog.mode, temperature, top_p)
         tok = jnp.where(s.done, prog.pad_id, tok)
         lp = jnp.where(s.done, 0.0, lp)
+        lengths = s.lengths + (~s.done).astype(jnp.int32)
         return _DecodeState(
             cache=cache,
             tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.step)),
             logprobs=jax.lax.dynamic_update_slice(s.logprobs, lp[:, None], (0, s.step)),
-            last=tok, position=s.position + 1, done=s.done | _stopped(tok, prog.stop_ids),
-            lengths=s.lengths + (~s.done).astype(jnp.int32), step=s.step + 1, key=key)
+            last=tok, position=s.position + 1,
+            done=s.done | _stopped(tok, prog.stop_ids) | (lengths >= s.limit),
+            lengths=lengths, limit=s.limit, step=s.step + 1, key=key)
 
     # The whole carry is returned so that every donated input buffer (the cache above all) aliases
     # an output: the loop then runs in place on the prefill's cache instead of on a copy.
@@ -353,6 +358,10 @@ def _decode(graphdef, prog: _Program, state, ds: _DecodeState, temperature, top_
 
 
 # ---------------------------------------------------------------------------------- the sampler
+ENGINES = ("auto", "static", "continuous")
+PLACEMENTS = ("global", "host_local")
+
+
 def _find_mesh(state: Any) -> Mesh | None:
     """The mesh the params live on (None for single-device or unsharded params)."""
     for leaf in jax.tree.leaves(state):
@@ -360,6 +369,23 @@ def _find_mesh(state: Any) -> Mesh | None:
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
             return sharding.mesh
     return None
+
+
+def row_limits(max_new_tokens: int | Sequence[int], num_prompts: int, num_samples: int
+               ) -> np.ndarray:
+    """Per-row maximum new tokens [prompts x samples] from one int, one per prompt or one per row."""
+    if np.ndim(max_new_tokens) == 0:
+        limits = np.full((num_prompts * num_samples,), int(max_new_tokens), np.int64)
+    else:
+        limits = np.asarray(max_new_tokens, np.int64).reshape(-1)
+        if limits.size == num_prompts:
+            limits = np.repeat(limits, num_samples)
+        elif limits.size != num_prompts * num_samples:
+            raise ConfigError(f"max_new_tokens: {limits.size} values for {num_prompts} prompts x "
+                              f"{num_samples} samples; give one int, one per prompt or one per row")
+    if limits.size and limits.min() < 1:
+        raise ConfigError(f"max_new_tokens={int(limits.min())} must be >= 1 (every row)")
+    return limits.astype(np.int32)
 
 
 def _prompt_rows(prompts: Any, prompt_mask: Any) -> list[np.ndarray]:
@@ -392,12 +418,44 @@ class Sampler:
       pad_token_id: filler for padding and for tokens past a row's end (default: the config's pad id,
         else 0).
       mesh: the mesh to shard the batch over; default: found from the params' shardings.
+      engine: ``"static"`` (decode each batch until its longest row ends), ``"continuous"`` (a
+        fixed number of slots, each refilled with the next waiting row when its row ends; see
+        :mod:`sgalm_jax.sampling_engine`) or ``"auto"`` (continuous when a call has more rows than
+        ``num_slots``, static otherwise). :meth:`generate` can override it per call.
+      num_slots: rows decoded at once by the continuous engine (its memory bound); default
+        ``max_batch_size``, else the call's row count capped at 64.
+      prefill_chunk: prompts per prefill of the continuous engine; default enough to fill every
+        slot once (``num_slots / num_samples``).
+      refill_min: the continuous engine returns to the host to refill slots once this many are
+        free (default ``num_slots // 32``, at least 1).
+      min_slots: once no row waits, the continuous engine moves its live rows to programs with
+        half as many slots whenever they fit, down to this many (default ``num_slots // 4``;
+        ``num_slots`` turns this off).
+      placement: ``"global"`` (sample on the params' own mesh) or ``"host_local"`` (every host gets
+        a copy of the params on its own devices, laid out by ``local_mesh_shape``, and samples its
+        share of the prompts with the continuous engine; the rows are gathered in prompt order on
+        every host; see :mod:`sgalm_jax.sampling_placement`).
+      local_mesh_shape: the per-host sampling mesh of ``placement="host_local"`` (default
+        ``{"data": local devices}``: the params replicated on each device).
     """
 
     def __init__(self, graphdef: nnx.GraphDef, config: ModelConfig, *, cache_dtype: Any = None,
                  min_prompt_bucket: int = 16, min_batch_bucket: int = 1,
                  max_batch_size: int | None = None, pad_token_id: int | None = None,
-                 mesh: Mesh | None = None, compiler_options: Mapping[str, Any] | None = None):
+                 mesh: Mesh | None = None, compiler_options: Mapping[str, Any] | None = None,
+                 engine: str = "auto", num_slots: int | None = None,
+                 prefill_chunk: int | None = None, refill_min: int | None = None,
+                 min_slots: int | None = None, placement: str = "global",
+                 local_mesh_shape: Mapping[str, int] | None = None):
+        if engine not in ENGINES:
+            raise ConfigError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+        if placement not in PLACEMENTS:
+            raise ConfigError(f"placement={placement!r}: expected one of {', '.join(PLACEMENTS)}")
+        for name, v in (("num_slots", num_slots), ("prefill_chunk", prefill_chunk),
+                        ("refill_min", refill_min), ("min_slots", min_slots),
+                        ("max_batch_size", max_batch_size)):
+            if v is not None and int(v) < 1:
+                raise ConfigError(f"{name}={v} must be >= 1 (or None)")
         self.graphdef = graphdef
         self.config = config
         self.cache_dtype = resolve_dtype(cache_dtype, "cache_dtype")
@@ -408,7 +466,16 @@ class Sampler:
         self.pad_token_id = int(pad if pad is not None else 0)
         self.mesh = mesh
         self.compiler_options = dict(compiler_options) if compiler_options else None
+        self.engine = engine
+        self.num_slots = num_slots
+        self.prefill_chunk = prefill_chunk
+        self.refill_min = refill_min
+        self.min_slots = min_slots
+        self.placement = placement
+        self.local_mesh_shape = dict(local_mesh_shape) if local_mesh_shape else None
+        self._local_mesh = None
         self._programs: dict[tuple, tuple[Any, Any]] = {}
+        self._continuous = None  # the ContinuousEngine, built on first use
 
     @classmethod
     def from_model(cls, model: CausalLM, **kwargs: Any) -> "Sampler":
@@ -417,8 +484,29 @@ class Sampler:
     # ---------------------------------------------------------------- compile bookkeeping
     @property
     def num_compilations(self) -> int:
-        """XLA programs compiled so far (prefill and decode count separately)."""
-        return sum(f._cache_size() for pair in self._programs.values() for f in pair)
+        """XLA programs compiled so far by both engines (each program counts separately)."""
+        n = sum(f._cache_size() for pair in self._programs.values() for f in pair)
+        return n + (self._continuous.num_compilations if self._continuous is not None else 0)
+
+    @property
+    def continuous_engine(self):
+        """The :class:`~sgalm_jax.sampling_engine.ContinuousEngine` (built on first use)."""
+        if self._continuous is None:
+            from sgalm_jax.sampling_engine import ContinuousEngine  # it imports this module
+
+            self._continuous = ContinuousEngine(self.graphdef, self.config,
+                                                compiler_options=self.compiler_options)
+        return self._continuous
+
+    def resolve_engine(self, num_rows: int, engine: str | None = None) -> str:
+        """``"static"`` or ``"continuous"``: the engine a call with ``num_rows`` rows runs on."""
+        engine = engine or self.engine
+        if engine not in ENGINES:
+            raise ConfigError(f"engine={engine!r}: expected one of {', '.join(ENGINES)}")
+        if engine == "auto":
+            slots = self.num_slots or self.max_batch_size
+            return "continuous" if slots is not None and num_rows > slots else "static"
+        return engine
 
     @property
     def buckets(self) -> list[tuple[int, int, int, int]]:
@@ -443,49 +531,98 @@ class Sampler:
         return self._programs[key]
 
     # ------------------------------------------------------------------------ sampling
-    def generate(self, state: Any, prompts: Any, *, max_new_tokens: int,
+    def generate(self, state: Any, prompts: Any, *, max_new_tokens: int | Sequence[int],
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  num_samples: int = 1, stop_token_ids: Sequence[int] = (),
-                 rng: jax.Array, prompt_mask: Any = None, use_eos: bool = True) -> Generation:
+                 rng: jax.Array, prompt_mask: Any = None, use_eos: bool = True,
+                 engine: str | None = None) -> Generation:
         """Sample ``num_samples`` continuations of every prompt with params ``state``.
 
         ``prompts``: a list of token-id lists (ragged), or a [B, T] array with ``prompt_mask``
         (1 = real token; left, right or no padding). Rows stop at the model's EOS ids (unless
-        ``use_eos=False``), at any of ``stop_token_ids``, or after ``max_new_tokens``.
-        ``temperature=0`` is greedy. ``rng`` is a ``jax.random.key``; the same key, prompts and
-        settings give the same samples.
+        ``use_eos=False``), at any of ``stop_token_ids``, or after ``max_new_tokens``: one int, or
+        one per prompt, or one per row (prompts x ``num_samples``); the output is as wide as the
+        largest. ``temperature=0`` is greedy. ``rng`` is a ``jax.random.key``; the same key,
+        prompts and settings give the same samples. ``engine`` overrides the sampler's engine.
         """
-        if max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
         if num_samples < 1:
             raise ConfigError(f"num_samples={num_samples} must be >= 1")
         mode = _make_mode(float(temperature), top_k, top_p)
         if mode.greedy and num_samples > 1:
             log.warning("num_samples=%d with temperature 0: all samples are identical", num_samples)
         rows = _prompt_rows(prompts, prompt_mask)
+        limits = row_limits(max_new_tokens, len(rows), num_samples)
         stop = tuple(sorted(set((self.config.eos_token_ids if use_eos else ()))
                             | {int(s) for s in stop_token_ids}))
         mesh = self.mesh if self.mesh is not None else _find_mesh(state)
+        if isinstance(rng, (int, np.integer)):
+            rng = jax.random.key(int(rng))
+        continuous = self.resolve_engine(len(limits), engine) == "continuous"
+        compiled = self.num_compilations
+        if continuous or self.placement == "host_local":
+            out = self._generate_continuous(state, rows, limits, mesh, mode=mode, stop_ids=stop,
+                                            num_samples=num_samples, rng=rng,
+                                            temperature=float(temperature), top_p=top_p)
+            self._report_compiles(compiled, "continuous", len(limits))
+            return Generation(**out, prompt_index=np.repeat(np.arange(len(rows)), num_samples),
+                              num_samples=num_samples)
+
         dp = data_parallel_size(mesh) if mesh is not None else 1
         per_call = len(rows)
         if self.max_batch_size is not None:
             per_call = max(1, min(per_call, self.max_batch_size // num_samples))
-        if isinstance(rng, (int, np.integer)):
-            rng = jax.random.key(int(rng))
-
+        width = int(limits.max())
         outs = []
         for c, start in enumerate(range(0, len(rows), per_call)):
             chunk = rows[start:start + per_call]
             key = rng if c == 0 else jax.random.fold_in(rng, c)
-            outs.append(self._generate_chunk(state, chunk, mesh, dp, mode, stop, max_new_tokens,
+            lim = limits[start * num_samples:(start + len(chunk)) * num_samples]
+            outs.append(self._generate_chunk(state, chunk, mesh, dp, mode, stop, width, lim,
                                              float(temperature), top_p, num_samples, key))
         tokens, logprobs, lengths, done = (np.concatenate(x) for x in zip(*outs))
+        self._report_compiles(compiled, "static", len(limits))
+        # A row ended on a stop token iff its last token is one (a row stops at its first); `done`
+        # also holds for rows that reached their own max length.
+        done = done & np.isin(tokens[np.arange(len(lengths)), np.maximum(lengths - 1, 0)], stop)
         return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=done,
                           prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                           num_samples=num_samples)
 
-    def _generate_chunk(self, state, rows, mesh, dp, mode, stop, max_new, temperature, top_p,
-                        num_samples, key):
+    def _report_compiles(self, before: int, engine: str, rows: int) -> None:
+        """Log the programs a call compiled (a bounded number per shape configuration: a count
+        that keeps growing from call to call means shapes are not being reused)."""
+        now = self.num_compilations
+        if now > before:
+            log.info("sampler: %s engine compiled %d program(s) for %d rows (%d so far)", engine,
+                     now - before, rows, now)
+
+    def _generate_continuous(self, state, rows, limits, mesh, **kw) -> dict[str, np.ndarray]:
+        """All rows through the continuous engine, on ``mesh`` or (``placement="host_local"``)
+        each host's share on its own copy of the params, gathered."""
+        kw.update(pad_id=self.pad_token_id, cache_dtype=self._resolve_cache_dtype(),
+                  slots=int(self.num_slots or self.max_batch_size or min(len(limits), 64)),
+                  prefill_chunk=self.prefill_chunk, refill_min=self.refill_min,
+                  min_slots=self.min_slots, min_prompt_bucket=self.min_prompt_bucket,
+                  width=int(limits.max()))
+        if self.placement == "host_local":
+            from sgalm_jax.sampling_placement import run_host_local
+
+            return run_host_local(self.continuous_engine, state, rows, limits,
+                                  mesh=self.host_local_mesh(), **kw)
+        res = self.continuous_engine.run(state, rows, limits, mesh=mesh, **kw)
+        return dict(tokens=res.tokens, logprobs=res.logprobs, lengths=res.lengths,
+                    finished=res.finished)
+
+    def host_local_mesh(self) -> Mesh:
+        """This host's sampling mesh for ``placement="host_local"``."""
+        if self._local_mesh is None:
+            from sgalm_jax.sampling_placement import local_mesh
+
+            self._local_mesh = local_mesh(self.local_mesh_shape)
+        return self._local_mesh
+
+    def _generate_chunk(self, state, rows, mesh, dp, mode, stop, max_new, limits, temperature,
+                        top_p, num_samples, key):
         b = len(rows)
         longest = max(r.size for r in rows)
         t = bucket_size(longest, self.min_prompt_bucket)
@@ -500,13 +637,16 @@ class Sampler:
                         cache_dtype=self._resolve_cache_dtype(),
                         head_nn=self.config.tie_word_embeddings and jax.default_backend() == "cpu")
         prefill, decode = self._get_programs(prog, mesh)
-        ids, mask = jnp.asarray(ids), jnp.asarray(mask)
+        limit = np.ones((bb * num_samples,), np.int32)  # dummy rows: 1
+        limit[:limits.size] = limits
+        ids, mask, limit = jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(limit)
         if mesh is not None:
             sharding = NamedSharding(mesh, P(BATCH_AXES, None))
             ids, mask = jax.device_put(ids, sharding), jax.device_put(mask, sharding)
+            limit = jax.device_put(limit, NamedSharding(mesh, P(BATCH_AXES)))
         temp = jnp.float32(temperature if temperature > 0 else 1.0)
         p = jnp.float32(1.0 if top_p is None else top_p)
-        ds = prefill(state, ids, mask, key, temp, p)
+        ds = prefill(state, ids, mask, limit, key, temp, p)
         out = decode(state, ds, temp, p)
         del ds  # donated
         # Batch-sharded over every host's devices: gathered so each process gets every row.
@@ -579,10 +719,12 @@ def _sampler_for(model: CausalLM, options: Mapping[str, Any]) -> tuple[Sampler, 
 
 
 _SAMPLER_OPTIONS = ("cache_dtype", "min_prompt_bucket", "min_batch_bucket", "max_batch_size",
-                    "pad_token_id", "mesh")
+                    "pad_token_id", "mesh", "num_slots", "prefill_chunk", "refill_min", "min_slots",
+                    "placement", "local_mesh_shape")
 
 
-def generate(model: CausalLM, prompts: Any, *, max_new_tokens: int, temperature: float = 1.0,
+def generate(model: CausalLM, prompts: Any, *, max_new_tokens: int | Sequence[int],
+             temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, num_samples: int = 1,
              stop_token_ids: Sequence[int] = (), rng: jax.Array, **kwargs: Any) -> Generation:
     """Sample from ``model`` (see :meth:`Sampler.generate`; sampler options may be passed too).

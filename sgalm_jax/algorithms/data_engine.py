@@ -155,6 +155,7 @@ class Generator:
         from sgalm_jax.sampling import Sampler
         from sgalm_jax.training import split_model
         from sgalm_jax.training.model_setup import build_model
+        from sgalm_jax.training.run_setup import sampler_options
         from sgalm_jax.training.tokenizer import (
             BUILTIN_TINY,
             eos_token_id,
@@ -176,7 +177,8 @@ class Generator:
         self.graphdef, self.params = split_model(model)
         self.sampler = Sampler(self.graphdef, model.config, pad_token_id=pad_token_id(
             self.tokenizer, eos), mesh=mesh,
-            min_batch_bucket=int(config.sgalm.sample_batch_size))
+            min_batch_bucket=int(config.sgalm.sample_batch_size),
+            **sampler_options(config, int(config.sgalm.sample_batch_size)))
         self.data = SGALMData(_sub(config, **{"sgalm.heldout_size": 0,
                                               "sgalm.sample_format": "full"}),
                               self.tokenizer, eos_id=eos)

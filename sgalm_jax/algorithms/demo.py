@@ -224,12 +224,14 @@ class Evaluator:
         from sgalm_jax.algorithms import diagnostics as diag
         from sgalm_jax.models import load_pretrained
         from sgalm_jax.training import split_model
+        from sgalm_jax.training.run_setup import sampler_options
 
         graphdef, params = split_model(load_pretrained(model_path, mesh=self.mesh))
         if self.sampler is None:
             cls, mcfg, pad = self._sampler_args
+            rows = int(self.config.sgalm.sample_batch_size)
             self.sampler = cls(graphdef, mcfg, pad_token_id=pad, mesh=self.mesh,
-                               min_batch_bucket=int(self.config.sgalm.sample_batch_size))
+                               min_batch_bucket=rows, **sampler_options(self.config, rows))
         s, data = self.config.sgalm, self.data
         max_new = int(s.max_new_tokens) or data.p99_length + 16
         samples = data.generate(self.sampler, params, self.num_samples,

@@ -134,11 +134,19 @@ class Evaluator:
       mesh: the device mesh (batches are sharded over its data axes).
       seed: seeds k-shot demo selection and sampling.
       progress: show tqdm bars.
+      sampling: the config (or any object with a ``sampling`` section): the sampler's engine and
+        placement (see :func:`sgalm_jax.training.run_setup.sampler_options`); ``eval.batch_size``
+        bounds the rows decoded at once unless ``sampling.num_slots`` is set.
     """
 
+    # Prompts per generate call when the continuous engine runs: several batches' worth, so that
+    # slots freed by short answers are refilled instead of idling until the batch's longest ends.
+    CALL_BATCHES = 8
+
     def __init__(self, eval_cfg: Any, graphdef: Any, model_config: Any, tokenizer: Any, *,
-                 mesh: Any = None, seed: int = 0, progress: bool = False):
+                 mesh: Any = None, seed: int = 0, progress: bool = False, sampling: Any = None):
         from sgalm_jax.sampling import Sampler
+        from sgalm_jax.training.run_setup import sampler_options
         from sgalm_jax.training.tokenizer import eos_token_id, pad_token_id
 
         self.cfg = eval_cfg
@@ -151,8 +159,12 @@ class Evaluator:
         self.eos = eos_token_id(tokenizer, model_config.eos_token_ids)
         pad = pad_token_id(tokenizer, self.eos)
         self.max_positions = int(model_config.max_position_embeddings)
-        self.sampler = Sampler(graphdef, model_config, min_batch_bucket=int(eval_cfg.batch_size),
-                               pad_token_id=pad, mesh=mesh)
+        rows = int(eval_cfg.batch_size)
+        options = sampler_options(sampling if sampling is not None else {}, rows)
+        self.sampler = Sampler(graphdef, model_config, min_batch_bucket=rows, pad_token_id=pad,
+                               mesh=mesh, **options)
+        calls = rows * self.CALL_BATCHES
+        self.generate_batch = calls if self.sampler.resolve_engine(calls) == "continuous" else rows
         self.scorer = SequenceScorer(graphdef, mesh=mesh, batch_size=int(eval_cfg.batch_size),
                                      max_length=self.max_positions, pad_id=pad)
         self._calls = 0
@@ -235,6 +247,7 @@ class Evaluator:
         cfg = self.cfg
         limit = int(cfg.max_examples) or None
         common = dict(batch_size=int(cfg.batch_size), out_dir=out_dir, progress=self.progress)
+        gen_common = dict(common, batch_size=self.generate_batch)
         generate = self.generate_fn(params)
         results: dict[str, dict[str, Any]] = {}
         for task in self.tasks:
@@ -242,7 +255,8 @@ class Evaluator:
             if task in ("gsm8k", "arithmetic"):
                 t = GSM8KTask(src) if task == "gsm8k" else ArithmeticTask(seed=self.seed)
                 res = evaluate_gsm8k(t.load(cfg.split, limit=limit), generate, task=t,
-                                     prompt_fn=self._builder(t, task).build, name=task, **common)
+                                     prompt_fn=self._builder(t, task).build, name=task,
+                                     **gen_common)
             elif task == "arc":
                 if cfg.arc_mode == "loglik":
                     t = ARCTask(src, style="cloze")
@@ -254,14 +268,14 @@ class Evaluator:
                     t = ARCTask(src, style="mc")
                     res = evaluate_arc_generate(t.load(cfg.split, limit=limit), generate, task=t,
                                                 prompt_fn=self._builder(t, task).build,
-                                                name="arc_challenge", **common)
+                                                name="arc_challenge", **gen_common)
             else:  # mbpp
                 t = MBPPTask(src, max_workers=int(cfg.sandbox_workers) or None)
                 n = int(cfg.num_samples)
                 res = evaluate_mbpp(t.load(cfg.split, limit=limit), generate, task=t,
                                     prompt_fn=self._builder(t, task, demo_split="prompt").build,
                                     num_samples=n, ks=tuple(k for k in (1, 10, 100) if k <= n),
-                                    name="mbpp", **common)
+                                    name="mbpp", **gen_common)
             results[res.name] = res.metrics
             log.info("eval %s: %s", res.name, _headline(res.metrics))
         if out_dir is not None and jax.process_index() == 0:
@@ -326,7 +340,7 @@ def run(config: Any, workdir: str) -> dict[str, dict[str, Any]]:
     graphdef, params = split_model(model)
     del model
     evaluator = Evaluator(config.eval, graphdef, mcfg, tokenizer, mesh=mesh, seed=config.seed,
-                          progress=config.metrics.progress_bar)
+                          progress=config.metrics.progress_bar, sampling=config)
     out_dir = os.path.join(workdir, "eval")
     results = evaluator.evaluate(params, out_dir=out_dir)
     if jax.process_index() == 0:

@@ -425,14 +425,15 @@ class GAD:
 
     def _make_tools(self) -> None:
         from sgalm_jax.sampling import Sampler
+        from sgalm_jax.training.run_setup import sampler_options
 
         cfg, g = self.config, self.config.gad
         rb = int(g.rollout_batch_size)
         self.sampler = Sampler(self.g_graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
                                min_batch_bucket=rb // self.group if rb else self.prompts,
-                               max_batch_size=rb or None,
                                min_prompt_bucket=min(cfg.data.min_bucket,
-                                                     self.encoder.max_prompt_tokens))
+                                                     self.encoder.max_prompt_tokens),
+                               **sampler_options(cfg, rb or None))
         micro = self.prompts // d_accum(cfg) * (1 + self.group)
         self.scorer = ScorePass(self.d_graphdef, self.mesh,
                                 rows_per_call=int(g.score_batch_size) or micro,

@@ -305,10 +305,14 @@ class GRPO:
                         compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
                         skip_nonfinite=cfg.train.nonfinite == "skip")
         from sgalm_jax.sampling import Sampler
+        from sgalm_jax.training.run_setup import sampler_options
 
+        # Rows decoded at once: a train step's rows (train.batch_size) unless sampling.num_slots
+        # says otherwise; a rollout of num_minibatches > 1 steps flows through those slots.
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
-                               min_batch_bucket=self.prompts_per_rollout,
-                               min_prompt_bucket=min(cfg.data.min_bucket, cfg.grpo.max_prompt_length))
+                               min_batch_bucket=max(1, self.rows_per_step // self.group),
+                               min_prompt_bucket=min(cfg.data.min_bucket, cfg.grpo.max_prompt_length),
+                               **sampler_options(cfg, int(cfg.train.batch_size)))
         g = cfg.grpo
         self.updater = PolicyUpdate(
             self.roles, "policy", self.graphdef, self.opts, self.mesh,

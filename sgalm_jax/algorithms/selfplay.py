@@ -57,7 +57,7 @@ from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
 from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.finite import FiniteGuard
-from sgalm_jax.training.run_setup import setup_run
+from sgalm_jax.training.run_setup import sampler_options, setup_run
 from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
@@ -420,9 +420,14 @@ class _Run:
     def ensure_tools(self) -> None:
         if self.sampler is None:
             sp, n = self.config.selfplay, len(self.data)
-            self.sampler = self.sampler_cls(self.graphdef, self.mcfg, pad_token_id=self.pad,
-                                            min_batch_bucket=min(sp.generation_batch_size, n),
-                                            mesh=self.mesh)
+            # Rows decoded at once: a train step's sequences (chosen + rejected of
+            # train.batch_size pairs) unless sampling.num_slots says otherwise; a generation
+            # chunk's rows flow through those slots (continuous engine by default).
+            options = sampler_options(self.config, 2 * int(self.config.train.batch_size))
+            per_call = max(1, int(options["max_batch_size"]) // int(sp.num_samples))
+            self.sampler = self.sampler_cls(
+                self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
+                min_batch_bucket=min(sp.generation_batch_size, n, per_call), **options)
             self.scorer = SequenceScorer(self.graphdef, mesh=self.mesh,
                                          batch_size=sp.ref_batch_size,
                                          min_bucket=self.config.data.min_bucket,
@@ -566,7 +571,8 @@ class _Run:
             from sgalm_jax.algorithms.eval import Evaluator
 
             self._evaluator = Evaluator(self.config.eval, self.graphdef, self.mcfg, self.tokenizer,
-                                        mesh=self.mesh, seed=self.config.seed)
+                                        mesh=self.mesh, seed=self.config.seed,
+                                        sampling=self.config)
         return self._evaluator
 
     def eval_due(self, t: int) -> bool:

@@ -81,7 +81,7 @@ from sgalm_jax.training import (
 from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
-from sgalm_jax.training.run_setup import setup_run, tokenizer_source
+from sgalm_jax.training.run_setup import sampler_options, setup_run, tokenizer_source
 from sgalm_jax.training.tokenizer import BUILTIN_TINY, LabelTokenIds
 
 log = logging.getLogger(__name__)
@@ -486,7 +486,8 @@ class SGALM:
         gen.add_step("g", make_g_loss(self.graphdef, labels, self.gen_opts),
                      extra_shardings=extra, **common)
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
-                               min_batch_bucket=int(cfg.sgalm.sample_batch_size))
+                               min_batch_bucket=int(cfg.sgalm.sample_batch_size),
+                               **sampler_options(cfg, int(cfg.sgalm.sample_batch_size)))
         self.scorer = DScorer(self.graphdef, labels, self.mesh,
                               batch_size=cfg.sgalm.score_batch_size,
                               bucket=cfg.sgalm.length_bucket, pad_id=self.pad)

@@ -250,8 +250,12 @@ class SGALMData:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=num, desc="sample", dynamic_ncols=True, leave=False)
-        for c, start in enumerate(range(0, num, batch_size)):
-            chunk = prompts[start:start + batch_size]
+        # A sampler that bounds the rows it decodes at once (slots of the continuous engine, batches
+        # of the static one) gets every prompt in one call, so its slots are refilled across the
+        # whole set instead of idling at the end of each batch; otherwise batches of batch_size.
+        per_call = num if sampler.max_batch_size is not None else batch_size
+        for c, start in enumerate(range(0, num, per_call)):
+            chunk = prompts[start:start + per_call]
             ids = [self.encode(p)[-budget:] for p, _ in chunk]
             gen = sampler.generate(
                 params, ids, max_new_tokens=max_new_tokens, temperature=temperature,

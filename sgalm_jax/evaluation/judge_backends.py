@@ -294,8 +294,9 @@ class LocalChatBackend(CachedBackend):
 
     Requests are rendered with the tokenizer's chat template (generation prompt appended) and
     decoded greedily unless their params say otherwise (``temperature``, ``top_p``, ``max_tokens``
-    -> ``max_new_tokens``, default ``max_new_tokens``). ``batch_size`` rows go through the sampler
-    at a time; ``seed`` fixes sampling when the temperature is positive.
+    -> ``max_new_tokens``, default ``max_new_tokens``). At most ``batch_size`` rows decode at once
+    (the sampler's ``max_batch_size``: continuous-engine slots when more requests wait); ``seed``
+    fixes sampling when the temperature is positive.
     """
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str = "local",
@@ -331,15 +332,17 @@ class LocalChatBackend(CachedBackend):
                     float(p.get("temperature", 0.0)), p.get("top_p"))
             groups.setdefault(spec, []).append(i)
         out: list[str | None] = [None] * len(requests)
+        # One call per group: at most batch_size rows decode at once (the continuous engine's
+        # slots, refilled as answers end; the static engine's batches), unless the options say.
+        options = dict(self.sampler_options)
+        options.setdefault("max_batch_size", self.batch_size)
         for (max_new, temperature, top_p), idx in groups.items():
-            for start in range(0, len(idx), self.batch_size):
-                chunk = idx[start:start + self.batch_size]
-                gen = generate_text(self.lm, self.tokenizer,
-                                    [[dict(m) for m in requests[i].messages] for i in chunk],
-                                    max_new_tokens=max_new, temperature=temperature, top_p=top_p,
-                                    rng=jax.random.key(self.seed), **self.sampler_options)
-                for i, text in zip(chunk, gen.texts):
-                    out[i] = text
+            gen = generate_text(self.lm, self.tokenizer,
+                                [[dict(m) for m in requests[i].messages] for i in idx],
+                                max_new_tokens=max_new, temperature=temperature, top_p=top_p,
+                                rng=jax.random.key(self.seed), **options)
+            for i, text in zip(idx, gen.texts):
+                out[i] = text
         results: list[str | JudgeError] = []
         for r, text in zip(requests, out):
             try:

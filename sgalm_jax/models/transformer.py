@@ -90,8 +90,10 @@ class Embedding(nnx.Module):
 class KVCache:
     """Preallocated keys/values of every layer for incremental decoding.
 
-    All rows of a (left-padded) batch write at the same slot ``index``; ``valid`` marks the slots that
-    hold real tokens, so padding never receives attention. Keys and values are stored heads-major,
+    All rows of a (left-padded) batch write at the same slot ``index`` (an int32 scalar), or, when
+    ``index`` is an int32 vector [B], each row writes at its own slot (the continuous-batching engine
+    of ``sgalm_jax.sampling_engine``, whose rows are at different lengths); ``valid`` marks the slots
+    that hold real tokens, so padding never receives attention. Keys and values are stored heads-major,
     [B, kv_heads, S, head_dim], the layout the decode attention's batched matmuls read directly (a
     [B, S, kv_heads, head_dim] cache made XLA transpose the whole cache at every decode step).
     """
@@ -99,7 +101,7 @@ class KVCache:
     k: tuple[jax.Array, ...]  # per layer [B, kv_heads, S, head_dim]
     v: tuple[jax.Array, ...]
     valid: jax.Array  # [B, S] bool
-    index: jax.Array  # int32 scalar: next slot to write
+    index: jax.Array  # int32 scalar, or [B]: next slot to write (shared or per row)
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
@@ -170,9 +172,14 @@ class Attention(nnx.Module):
         new_kv = None
         if cache_kv is not None:
             ck, cv = cache_kv  # [B, kv_heads, S, head_dim]
-            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
-            cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
+            if jnp.ndim(index) == 0:  # one write slot for the whole batch
+                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
+                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
+            else:  # row i writes its t tokens at slots index[i] ..; [B, T] indices pick [B, T, KV, D]
+                rows, cols = jnp.arange(b)[:, None], index[:, None] + jnp.arange(t)[None, :]
+                ck = ck.at[rows, :, cols, :].set(k.astype(ck.dtype), mode="drop")
+                cv = cv.at[rows, :, cols, :].set(v.astype(cv.dtype), mode="drop")
             new_kv = (ck, cv)
             out = _cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask,
                                     self.head_dim ** -0.5)
@@ -250,14 +257,20 @@ class DecoderModel(nnx.Module):
         cos, sin = rotary_cos_sin(positions, inverse_frequencies(self.config))
 
         if cache is None:
-            key_valid, q_slot, k_slot = attention_mask, jnp.arange(t), jnp.arange(t)
-        else:
+            key_valid, q_slot, k_slot = attention_mask, jnp.arange(t)[None], jnp.arange(t)
+        elif jnp.ndim(cache.index) == 0:
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
-            q_slot, k_slot = cache.index + jnp.arange(t), jnp.arange(cache.length)
-        causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
+            q_slot, k_slot = (cache.index + jnp.arange(t))[None], jnp.arange(cache.length)
+        else:  # a write slot per row
+            q_slot = cache.index[:, None] + jnp.arange(t)[None, :]  # [B, T]
+            key_valid = cache.valid.at[jnp.arange(b)[:, None], q_slot].set(attention_mask,
+                                                                           mode="drop")
+            k_slot = jnp.arange(cache.length)
+        causal = k_slot[None, None, :] <= q_slot[:, :, None]  # [1 or B, T, S]
         if self.config.sliding_window:  # slot distance equals token distance within a row
-            causal = causal & (q_slot[:, None] - k_slot[None, :] < self.config.sliding_window)
-        mask = causal[None, :, :] & key_valid[:, None, :]  # [B, T, S]
+            causal = causal & (q_slot[:, :, None] - k_slot[None, None, :]
+                               < self.config.sliding_window)
+        mask = causal & key_valid[:, None, :]  # [B, T, S]
         if cache is None:  # packed rows: a token attends only within its own example
             mask = mask & (segments[:, :, None] == segments[:, None, :])
         mask = mask[:, None, :, :]  # [B, 1, T, S]

@@ -41,6 +41,23 @@ class RunSetup:
     is_main: bool
 
 
+def sampler_options(config: Any, default_rows: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of :class:`sgalm_jax.sampling.Sampler` from the config's ``sampling``
+    section (defaults when the config has none).
+
+    ``default_rows``: the algorithm's own bound on rows decoded at once (its sampling batch size),
+    used when ``sampling.num_slots`` is 0; None = no bound. It becomes the continuous engine's slot
+    count and the static engine's batch size, so both use the same memory.
+    """
+    s = config.get("sampling") if hasattr(config, "get") else getattr(config, "sampling", None)
+    if s is None:
+        return dict(max_batch_size=default_rows)
+    return dict(engine=str(s.engine), max_batch_size=int(s.num_slots) or default_rows,
+                prefill_chunk=int(s.prefill_chunk) or None, refill_min=int(s.refill_min) or None,
+                min_slots=int(s.min_slots) or None,
+                placement=str(s.placement), local_mesh_shape=dict(s.local_mesh) or None)
+
+
 def setup_run(config: Any, workdir: str) -> RunSetup:
     """Check the config against the devices, build the mesh, load the tokenizer.
 

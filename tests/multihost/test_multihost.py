@@ -169,7 +169,11 @@ CASES = [
             samples=("rollouts/*.jsonl", "eval/*.json"),
             exports=("export", "export_discriminator", "best")),
         # 2 rollouts of 4 prompts x 4 completions, a reward a random model's samples spread on.
+        # Sampled host-locally through 8 continuous-engine slots: each of the 2 hosts decodes its
+        # 2 prompts on its own copy of the params; 1 x 8 decodes all 16 rows on one: same rows.
         Run("grpo", "grpo_tiny.py", PRETRAINED + SGD + DATA_2 + (
+            "--config.sampling.engine=continuous", "--config.sampling.num_slots=8",
+            "--config.sampling.placement=host_local",
             "--config.grpo.reward=tests.algorithms.grpo_rewards:low_token_fraction",
             "--config.train.num_steps=4", "--config.grpo.max_new_tokens=16",
             "--config.data.max_examples=16"),

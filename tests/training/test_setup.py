@@ -87,3 +87,26 @@ def test_launch_scripts_parse():
     assert len(scripts) >= 5 and (REPO / "launch" / "README.md").exists()
     for s in scripts:
         subprocess.run(["bash", "-n", str(s)], check=True)
+
+
+def test_sampler_options_from_the_sampling_section():
+    """The algorithms' samplers: the algorithm's batch size bounds the rows decoded at once, and
+    the default engine is continuous once a call holds more rows than that."""
+    from sgalm_jax.sampling import Sampler
+    from sgalm_jax.training.run_setup import sampler_options
+
+    c = base_config()
+    opts = sampler_options(c, 32)
+    assert opts["engine"] == "auto" and opts["max_batch_size"] == 32
+    assert opts["placement"] == "global" and opts["local_mesh_shape"] is None
+    c.model.init = "tiny-qwen2"
+    auto = Sampler(None, model_config(c.model), **opts)  # the graph is only needed to sample
+    assert auto.resolve_engine(33) == "continuous" and auto.resolve_engine(32) == "static"
+    c.sampling.num_slots, c.sampling.engine, c.sampling.local_mesh = 8, "static", {"tensor": 2}
+    opts = sampler_options(c, 32)
+    assert opts["max_batch_size"] == 8 and opts["engine"] == "static"
+    assert opts["local_mesh_shape"] == {"tensor": 2}
+    assert sampler_options({}, 16) == {"max_batch_size": 16}  # a config without the section
+    c.sampling.engine = "paged"
+    with pytest.raises(ConfigError, match="sampling.engine"):
+        validate_config(c)
