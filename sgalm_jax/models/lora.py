@@ -266,7 +266,7 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` without adapters whose kernels have ``scale * A @ B`` folded in (float32
     arithmetic, the kernels' dtype). ``model`` is left as it is; unadapted params are shared."""
     graphdef, state = nnx.split(model)
-    merged = nnx.merge(graphdef, state)  # a new module tree over the same arrays
+    merged = nnx.merge(graphdef, state, copy=True)  # new Variables over the same arrays
     for _, module in linear_modules(merged):
         lora = module.lora
         if lora is None:
@@ -282,7 +282,7 @@ def merge_adapters(model: nnx.Module) -> nnx.Module:
 def strip_adapters(model: nnx.Module) -> nnx.Module:
     """A copy of ``model`` with its adapters removed (the base alone; arrays shared)."""
     graphdef, state = nnx.split(model)
-    stripped = nnx.merge(graphdef, state)
+    stripped = nnx.merge(graphdef, state, copy=True)
     for _, module in linear_modules(stripped):
         module.lora = nnx.data(None)
     return stripped

@@ -185,7 +185,8 @@ def test_forward_merged_export_and_peft_export_match_transformers_peft(family, h
     randomize_adapters(model, 3)
     ours = logits(model)
     hf_base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    assert rel_err(ours, hf_logits(hf_base)) > 1e-2  # the adapters matter
+    base_logits = hf_logits(hf_base)  # before PEFT injects adapters into hf_base
+    assert rel_err(ours, base_logits) > 1e-2  # the adapters matter
 
     save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
@@ -198,6 +199,10 @@ def test_forward_merged_export_and_peft_export_match_transformers_peft(family, h
     merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert rel_err(hf_logits(merged), hf_logits(peft_model)) <= REL_TOL
     assert rel_err(logits(L.merge_adapters(model)), ours) <= REL_TOL
+    # merging leaves the adapted model as it was (no kernels folded into its own Variables)
+    assert rel_err(logits(model), ours) <= REL_TOL
+    assert rel_err(logits(L.strip_adapters(model)), base_logits) <= REL_TOL
+    assert rel_err(logits(model), ours) <= REL_TOL
 
 
 def test_peft_adapter_imports_with_subset_targets_and_rslora(hf_model_dir, tmp_path):
