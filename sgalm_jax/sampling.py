@@ -259,10 +259,12 @@ def _constrain(x: jax.Array, mesh: Mesh | None, spec: P) -> jax.Array:
 
 
 def _cache_spec(config: ModelConfig, mesh: Mesh | None, batch: int, length: int) -> P:
+    """Sharding of the stacked KV cache [L, B, kv_heads, S, head_dim] (the KVCache layout)."""
     if mesh is None:
         return P()
-    shape = (batch, config.num_key_value_heads, length, config.head_dim)  # the KVCache layout
-    return logical_to_spec(("batch", "kv_heads", "length", "head_dim"), shape, mesh, LOGICAL_RULES)
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
+    return logical_to_spec(("layers", "batch", "kv_heads", "length", "head_dim"), shape, mesh,
+                           LOGICAL_RULES)
 
 
 def _stopped(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
@@ -281,16 +283,17 @@ def _prefill(graphdef, config: ModelConfig, prog: _Program, mesh: Mesh | None,
     batch_spec = P(BATCH_AXES) if mesh is not None else P()
     cache = KVCache.init(config, b, cache_len, prog.cache_dtype)
     cache_spec = _cache_spec(config, mesh, b, cache_len)
-    cache = dataclasses.replace(cache, k=tuple(_constrain(x, mesh, cache_spec) for x in cache.k),
-                                v=tuple(_constrain(x, mesh, cache_spec) for x in cache.v))
+    cache = dataclasses.replace(cache, k=_constrain(cache.k, mesh, cache_spec),
+                                v=_constrain(cache.v, mesh, cache_spec))
     hidden, cache = model.model(ids, mask, positions_from_mask(mask), cache)
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left-padded: last slot is real
 
     if n > 1:  # one prefill per prompt, then n copies of its cache and logits
         rep = functools.partial(jnp.repeat, repeats=n, axis=0, total_repeat_length=rows)
+        rep_kv = functools.partial(jnp.repeat, repeats=n, axis=1, total_repeat_length=rows)
         spec = _cache_spec(config, mesh, rows, cache_len)
-        cache = KVCache(k=tuple(_constrain(rep(x), mesh, spec) for x in cache.k),
-                        v=tuple(_constrain(rep(x), mesh, spec) for x in cache.v),
+        cache = KVCache(k=_constrain(rep_kv(cache.k), mesh, spec),
+                        v=_constrain(rep_kv(cache.v), mesh, spec),
                         valid=rep(cache.valid), index=cache.index)
         logits, mask = rep(logits), rep(mask)
     logits = _constrain(logits, mesh, batch_spec)

@@ -36,6 +36,7 @@ LOGICAL_RULES: dict[str, Any] = {
     "mlp": "tensor",
     "norm": None,
     "head_dim": None,
+    "layers": None,  # the leading axis of the decoder's stacked layer params and KV cache
 }
 
 
