@@ -64,6 +64,7 @@ OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "fp32", "bf16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "xla", "splash", "cudnn")
 SFT_NORMALIZE = ("token", "sequence", "sequence_sum", "sum")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 NONFINITE = ("error", "skip")
@@ -86,6 +87,11 @@ _SCHEMA: dict[str, Any] = {
         "param_dtype": ("float32", "storage dtype of the trained (master) weights"),
         "remat": ("none", "activation rematerialisation per layer: none, full, dots, "
                           "dots_no_batch"),
+        "scan_layers": (True, "run the decoder layers as one lax.scan over stacked weights "
+                              "(compile time independent of depth); false = an unrolled loop "
+                              "over the same weights"),
+        "attention": ("auto", "self-attention kernel: auto (TPU splash, GPU cuDNN, CPU XLA), "
+                              "xla, splash, cudnn"),
     },
     "tokenizer": {
         "path": ("", "tokenizer directory; '' = model.path; 'builtin:tiny' = a small byte-level "
@@ -514,6 +520,7 @@ def validate_config(config: Any) -> None:
     if config.checkpoint.export_dtype:
         _choice(config, "checkpoint.export_dtype", DTYPES)
     _choice(config, "model.remat", REMAT)
+    _choice(config, "model.attention", ATTENTION)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
     _choice(config, "sft.normalize", SFT_NORMALIZE)

@@ -32,7 +32,6 @@ The decode and prefill paths with a KV cache always use the XLA attention of
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Any
 
@@ -57,7 +56,7 @@ def current_platform() -> str:
     topology compiled for on a CPU host), else the default backend's."""
     mesh = jax.sharding.get_abstract_mesh()
     if not mesh.empty:
-        platform = getattr(mesh, "_platform", None) or getattr(mesh, "platform", None)
+        platform = getattr(getattr(mesh, "abstract_device", None), "platform", None)
         if platform:
             return str(platform)
     return jax.default_backend()
@@ -113,7 +112,6 @@ def resolve_attention(requested: str, *, platform: str, dtype: Any, seq_len: int
 
 
 # ------------------------------------------------------------------------------------ splash
-@functools.lru_cache(maxsize=64)
 def _splash_kernel(seq_len: int, num_heads: int, window: int | None, block: int,
                    interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
@@ -125,6 +123,8 @@ def _splash_kernel(seq_len: int, num_heads: int, window: int | None, block: int,
     else:
         one = sm.CausalMask(shape)
     mask = sm.MultiHeadMask([one] * num_heads)
+    # Built per trace, not cached: the kernel holds its mask tables as arrays of the trace (under
+    # shard_map they are values of the manual computation).
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                           block_q_dq=block, block_kv_dq=block)
