@@ -33,6 +33,7 @@ def get_config():
     config = base_config()
     config.algorithm = "selfplay"
     config.model.path = ""  # required: Qwen2.5-3B(-Instruct); base vs instruct not recovered
+    config.model.architecture = "qwen2.5-3b"  # its shape, for --compile-only without it
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
     config.model.remat = "full"

@@ -36,6 +36,7 @@ def get_config():
     config = base_config()
     config.algorithm = "selfplay"
     config.model.path = ""  # required: θ_0 (an HF checkpoint directory)
+    config.model.architecture = "qwen2.5-3b"  # its shape, for --compile-only without it
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
     config.model.remat = "full"

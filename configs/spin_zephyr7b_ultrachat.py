@@ -34,6 +34,7 @@ def get_config():
     config = base_config()
     config.algorithm = "selfplay"
     config.model.path = ""  # required (see above)
+    config.model.architecture = "mistral-7b"  # its shape, for --compile-only without it
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"
     config.model.remat = "full"

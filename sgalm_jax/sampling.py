@@ -46,7 +46,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.models.config import ModelConfig, resolve_dtype
 from sgalm_jax.models.transformer import CausalLM, KVCache, positions_from_mask
-from sgalm_jax.sharding import BATCH_AXES, LOGICAL_RULES, data_parallel_size, logical_to_spec
+from sgalm_jax.sharding import (BATCH_AXES, LOGICAL_RULES, data_parallel_size, jit_on_mesh,
+                                logical_to_spec)
 
 log = logging.getLogger(__name__)
 
@@ -422,20 +423,20 @@ class Sampler:
         """The (batch, prompt length, num_samples, max_new_tokens) buckets seen so far."""
         return sorted({k[:4] for k in self._programs})
 
-    def _resolve_cache_dtype(self) -> Any:
+    def _resolve_cache_dtype(self, platform: str | None = None) -> Any:
         if self.cache_dtype is not None:
             return self.cache_dtype
-        return self.config.dtype if jax.default_backend() == "cpu" else jnp.bfloat16
+        return self.config.dtype if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16
 
     def _get_programs(self, prog: _Program, mesh: Mesh | None):
         key = (prog.batch, prog.prompt_len, prog.num_samples, prog.max_new, prog.mode,
                prog.stop_ids, prog.pad_id, jnp.dtype(prog.cache_dtype).name, prog.head_nn, mesh)
         if key not in self._programs:
             opts = self.compiler_options
-            prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh),
-                              compiler_options=opts)
-            decode = jax.jit(functools.partial(_decode, self.graphdef, prog), donate_argnums=(1,),
-                             compiler_options=opts)
+            prefill = jit_on_mesh(functools.partial(_prefill, self.graphdef, self.config, prog,
+                                                    mesh), mesh, compiler_options=opts)
+            decode = jit_on_mesh(functools.partial(_decode, self.graphdef, prog), mesh,
+                                 donate_argnums=(1,), compiler_options=opts)
             self._programs[key] = (prefill, decode)
         return self._programs[key]
 
@@ -481,21 +482,64 @@ class Sampler:
                           prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                           num_samples=num_samples)
 
+    def _program(self, rows: int, longest: int, dp: int, mode: _Mode, stop: tuple[int, ...],
+                 max_new: int, num_samples: int, mesh: Mesh | None = None) -> _Program:
+        """The static program of a chunk of ``rows`` prompts whose longest has ``longest`` tokens
+        (for the platform of ``mesh``'s devices, else the default backend)."""
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        return _Program(batch=bucket_size(rows, self.min_batch_bucket, multiple=dp),
+                        prompt_len=bucket_size(longest, self.min_prompt_bucket),
+                        num_samples=num_samples, max_new=max_new, mode=mode, stop_ids=stop,
+                        pad_id=self.pad_token_id, cache_dtype=self._resolve_cache_dtype(platform),
+                        head_nn=self.config.tie_word_embeddings and platform == "cpu")
+
+    def abstract_programs(self, state: Any, *, rows: int, prompt_tokens: int,
+                          max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+                          top_k: int | None = None, top_p: float | None = None,
+                          mesh: Mesh | None = None) -> list[tuple[str, Any, Any]]:
+        """``[(name, jitted, args)]`` of the prefill and decode programs that a call with ``rows``
+        prompts of up to ``prompt_tokens`` tokens would run, for ahead-of-time compilation
+        (``sgalm_jax.compile_only``). ``state`` may be abstract (``jax.ShapeDtypeStruct`` with
+        shardings). The decode's ``args`` is a function of the compiled prefill (its output
+        shardings place the decode state)."""
+        mesh = mesh if mesh is not None else self.mesh
+        dp = data_parallel_size(mesh) if mesh is not None else 1
+        mode = _make_mode(float(temperature), top_k, top_p)
+        stop = tuple(sorted(set(self.config.eos_token_ids)))
+        prog = self._program(rows, prompt_tokens, dp, mode, stop, max_new_tokens, num_samples,
+                             mesh)
+        prefill, decode = self._get_programs(prog, mesh)
+        batch = NamedSharding(mesh, P(BATCH_AXES, None)) if mesh is not None else None
+        repl = NamedSharding(mesh, P()) if mesh is not None else None
+        spec = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa
+        shape = (prog.batch, prog.prompt_len)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        scalars = (spec((), jnp.float32, repl), spec((), jnp.float32, repl))
+        prefill_args = (state, spec(shape, jnp.int32, batch), spec(shape, jnp.bool_, batch),
+                        spec(key.shape, key.dtype, repl), *scalars)
+
+        def decode_args(compiled_prefill: Any) -> tuple:
+            out = prefill.eval_shape(*prefill_args)
+            ds = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
+                              out, compiled_prefill.output_shardings)
+            return (state, ds, *scalars)
+
+        size = f"{prog.batch} x {prog.prompt_len} prompt, {prog.batch * num_samples} rows x " \
+               f"{prog.prompt_len + max_new_tokens} cache"
+        return [(f"sampler prefill ({size})", prefill, prefill_args),
+                (f"sampler decode ({size})", decode, decode_args)]
+
     def _generate_chunk(self, state, rows, mesh, dp, mode, stop, max_new, temperature, top_p,
                         num_samples, key):
         b = len(rows)
         longest = max(r.size for r in rows)
-        t = bucket_size(longest, self.min_prompt_bucket)
-        bb = bucket_size(b, self.min_batch_bucket, multiple=dp)
+        prog = self._program(b, longest, dp, mode, stop, max_new, num_samples, mesh)
+        t, bb = prog.prompt_len, prog.batch
         ids = np.full((bb, t), self.pad_token_id, np.int32)
         mask = np.zeros((bb, t), bool)
         for i, r in enumerate(rows):
             ids[i, t - r.size:] = r
             mask[i, t - r.size:] = True
-        prog = _Program(batch=bb, prompt_len=t, num_samples=num_samples, max_new=max_new,
-                        mode=mode, stop_ids=stop, pad_id=self.pad_token_id,
-                        cache_dtype=self._resolve_cache_dtype(),
-                        head_nn=self.config.tie_word_embeddings and jax.default_backend() == "cpu")
         prefill, decode = self._get_programs(prog, mesh)
         ids, mask = jnp.asarray(ids), jnp.asarray(mask)
         if mesh is not None:

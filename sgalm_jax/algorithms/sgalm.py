@@ -81,6 +81,8 @@ from sgalm_jax.training import (
     train_state_shardings,
     trainable_mask,
 )
+from sgalm_jax.training.aot import (Program, abstract_batch, abstract_train_state,
+                                    rows_fields)
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
@@ -270,7 +272,7 @@ class DScorer:
         def z_fn(params, batch):
             return discriminator_logits(nnx.merge(graphdef, params), batch, labels)
 
-        self._fn = jax.jit(z_fn)
+        self._fn = sh.jit_on_mesh(z_fn, mesh)
 
     def __call__(self, params: Any, rows: list[list[int]]) -> np.ndarray:
         out = np.zeros(len(rows), np.float32)
@@ -304,6 +306,84 @@ def to_global(batch: dict[str, np.ndarray], mesh: Any) -> Any:
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+# ------------------------------------------------------------------------------------ AOT
+def _worst_width(bucket: int, max_length: int) -> int:
+    """The widest rows ``pad_rows`` makes for rows of up to ``max_length`` tokens."""
+    width = max(int(bucket), 1)
+    while width < max_length:
+        width *= 2
+    return width
+
+
+def programs(config: Any, mesh: Any) -> list[Program]:
+    """The programs a run compiles, at the largest shapes the config allows, with abstract
+    arguments (``--compile-only``): the D and G train steps, the D scorer and the sampler's
+    prefill and decode (prompts of up to ``data.max_length - 1`` tokens)."""
+    from sgalm_jax.models import CausalLM
+
+    s, b = config.sgalm, int(config.train.batch_size)
+    mcfg = model_config(config.model)
+    graphdef, params = split_model(nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0))))
+    tx, lr = make_optimizer(config.optimizer, num_steps=1000, params=params)
+    state, shard = abstract_train_state(params, tx, mesh)
+    two = s.variant == "two_models"
+    labels = LabelTokenIds(0, 1, (0,), (1,), False, "")  # token ids only matter as constants
+    opts = GeneratorOptions.from_config(config)
+    trainable = trainable_mask(params, config.optimizer.freeze) if config.optimizer.freeze else None
+    common = _step_options(config, mesh, shard, trainable)
+    width = _worst_width(s.length_bucket, int(config.data.max_length))
+    half = b // 2
+    other = state if two else None  # the other role's state stays on the devices
+    steps_d, steps_g = active_steps(config)
+    out: list[Program] = []
+    if steps_d:
+        d_step = make_train_step(make_d_loss(graphdef, labels), tx, learning_rate=lr, **common)
+        fields = {**rows_fields(b, width), "is_real": ((b,), jnp.float32)}
+        out.append(Program(f"D step ({b} x {width})", d_step,
+                           (state, abstract_batch(mesh, fields)), resident=other))
+    if steps_g:
+        g_step = make_train_step(make_g_loss(graphdef, labels, opts), tx, learning_rate=lr,
+                                 extra_shardings=(shard.params,) if opts.reward_source ==
+                                 "separate" else (), **common)
+        fields = rows_fields(half, width, loss_mask=True)
+        if opts.reward_source == "snapshot":
+            fields["z_snapshot"] = ((half,), jnp.float32)
+        else:
+            fields.update(rows_fields(half, width, prefix="d_"))
+        if opts.anchor_weight > 0:
+            fields.update(rows_fields(half, width, prefix="a_", loss_mask=True))
+        extra = (state.params,) if opts.reward_source == "separate" else ()
+        out.append(Program(f"G step ({half} x {width})", g_step,
+                           (state, abstract_batch(mesh, fields), *extra),
+                           resident=None if not two else state.opt_state))
+    opt_states = (state.opt_state, other) if two else state.opt_state
+    score_rows = -(-int(s.score_batch_size) // sh.data_parallel_size(mesh)) * \
+        sh.data_parallel_size(mesh)
+    scorer = DScorer(graphdef, labels, mesh, batch_size=score_rows, bucket=s.length_bucket,
+                     pad_id=0)
+    out.append(Program(f"D scorer ({score_rows} x {width})", scorer._fn,
+                       (state.params, abstract_batch(mesh, rows_fields(score_rows, width))),
+                       resident=opt_states))
+    sampler = Sampler(graphdef, mcfg, pad_token_id=0, mesh=mesh,
+                      min_batch_bucket=int(s.sample_batch_size))
+    max_new = int(s.max_new_tokens) or int(config.data.max_length)
+    for name, fn, args in sampler.abstract_programs(
+            state.params, rows=int(s.sample_batch_size),
+            prompt_tokens=max(int(config.data.max_length) - 1, 1), max_new_tokens=max_new,
+            temperature=float(s.temperature), top_k=int(s.top_k) or None,
+            top_p=None if s.top_p >= 1 else float(s.top_p)):
+        out.append(Program(name, fn, args, resident=opt_states))
+    return out
+
+
+def _step_options(config: Any, mesh: Any, shardings: Any, trainable: Any) -> dict[str, Any]:
+    """The ``make_train_step`` options both roles' steps share."""
+    return dict(mesh=mesh, state_shardings=shardings,
+                grad_accum_steps=config.train.grad_accum_steps,
+                compute_dtype=config.train.compute_dtype or None, trainable=trainable,
+                skip_nonfinite=config.train.nonfinite == "skip")
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -414,10 +494,7 @@ class SGALM:
         cfg = self.config
         trainable = (trainable_mask(roles.g.params, cfg.optimizer.freeze)
                      if cfg.optimizer.freeze else None)
-        common = dict(mesh=self.mesh, state_shardings=self.shardings,
-                      grad_accum_steps=cfg.train.grad_accum_steps,
-                      compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
-                      skip_nonfinite=cfg.train.nonfinite == "skip")
+        common = _step_options(cfg, self.mesh, self.shardings, trainable)
         labels = self.data.labels
         self.d_step = make_train_step(make_d_loss(self.graphdef, labels), self.tx_d,
                                       learning_rate=self.lr_d, **common)

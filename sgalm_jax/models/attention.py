@@ -44,10 +44,10 @@ from sgalm_jax.errors import ConfigError
 log = logging.getLogger(__name__)
 
 from sgalm_jax.models.config import ATTENTION_IMPLS  # noqa: E402  (re-exported)
-# The mesh axes a shard_mapped kernel splits the batch and the heads over; they mirror the
-# 'batch' and 'heads' rules of sgalm_jax.sharding.LOGICAL_RULES (models may not import sharding).
-BATCH_MESH_AXES = ("data", "fsdp")
-HEAD_MESH_AXIS = "tensor"
+from sgalm_jax.models.partitioning import LOGICAL_RULES  # noqa: E402
+# The mesh axes a shard_mapped kernel splits the batch and the heads over (the logical rules).
+BATCH_MESH_AXES = LOGICAL_RULES["batch"]
+HEAD_MESH_AXIS = LOGICAL_RULES["heads"]
 SPLASH_BLOCK = 128  # the sequence length must be a multiple of this
 
 

@@ -20,9 +20,17 @@ from flax import nnx
 
 from sgalm_jax.models.attention import self_attention
 from sgalm_jax.models.config import ModelConfig
+from sgalm_jax.models.partitioning import constrain
 from sgalm_jax.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 _INIT_STD = 0.02
+# Logical axes of the activations (pinned on a context mesh, see sgalm_jax.models.partitioning):
+# the batch is split over ('data', 'fsdp'), heads and MLP columns over 'tensor'.
+ACT_EMBED = ("batch", "length", "embed")
+ACT_MLP = ("batch", "length", "mlp")
+ACT_HEADS = ("batch", "length", "heads", "head_dim")
+ACT_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+ACT_LOGITS = ("batch", "length", "vocab")
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -215,6 +223,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = constrain(q, ACT_HEADS), constrain(k, ACT_KV_HEADS), constrain(v, ACT_KV_HEADS)
         scale = self.head_dim ** -0.5
         if kv is not None:
             kv = kv.write(k, v)
@@ -239,7 +248,8 @@ class MLP(nnx.Module):
                                 use_bias=c.mlp_bias, config=c, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(h, ACT_MLP))
 
 
 class DecoderLayer(nnx.Module):
@@ -256,7 +266,7 @@ class DecoderLayer(nnx.Module):
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, segments, kv)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, kv
+        return constrain(x, ACT_EMBED), kv
 
 
 LAYER_AXIS = "layers"  # logical name of the stacked layers' leading axis (never sharded)
@@ -345,7 +355,7 @@ class DecoderModel(nnx.Module):
             mask = mask & (segments[:, :, None] == segments[:, None, :])
         mask = mask[:, None, :, :]  # [B, 1, T, S]
 
-        x = self.embed_tokens(input_ids)
+        x = constrain(self.embed_tokens(input_ids), ACT_EMBED)
         x, cache_kv = self._run_layers(x, cos, sin, mask, segments, cache)
         x = self.norm(x)
         if cache is None:
@@ -419,9 +429,10 @@ class CausalLM(nnx.Module):
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits [B, T, vocab] from final hidden states."""
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
-        return jnp.einsum("btd,dv->btv", hidden, self.lm_head.kernel[...].astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+            return constrain(self.model.embed_tokens.attend(hidden), ACT_LOGITS)
+        return constrain(jnp.einsum("btd,dv->btv", hidden,
+                                    self.lm_head.kernel[...].astype(hidden.dtype),
+                                    preferred_element_type=jnp.float32), ACT_LOGITS)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None):
