@@ -66,6 +66,11 @@ _TPU_TOPOLOGIES = {
 }
 
 
+def _size(n: float) -> str:
+    """Bytes as '15.8 GiB' or '10.9 MiB'."""
+    return f"{n / GiB:.2f} GiB" if n >= GiB / 4 else f"{n / 2 ** 20:.2f} MiB"
+
+
 def parse_target(name: str) -> Target:
     """``v5e-8`` (a slice; v4/v5p counts are TensorCores, 2 per chip, as Google names them) or
     ``cpu-N``; ConfigError naming ``--compile-only`` otherwise."""
@@ -178,8 +183,8 @@ def format_reports(reports: Sequence[Report], target: Target, mesh_shape: dict[s
                      f"{g(r.temporaries)} {g(r.resident)} {g(r.peak)}{fits}")
     if target.memory is not None:
         worst = max(reports, key=lambda r: r.peak)
-        lines.append(f"largest: {worst.name}, {worst.peak / GiB:.2f} of "
-                     f"{target.memory / GiB:.0f} GiB ({100 * worst.peak / target.memory:.0f}%)")
+        lines.append(f"largest: {worst.name}, {_size(worst.peak)} of {_size(target.memory)} "
+                     f"({100 * worst.peak / target.memory:.0f}%)")
     return "\n".join(lines)
 
 
@@ -202,7 +207,7 @@ def run_compile_only(config: Any, algorithm: Any, target: Target) -> list[Report
         over = [r for r in reports if r.peak > target.memory]
         if over:
             raise CompileCheckError(
-                f"--compile-only={target.name}: {over[0].name} needs {over[0].peak / GiB:.2f} GiB "
-                f"per device, more than the {target.memory / GiB:.0f} GiB of a {target.name} "
-                f"device" + (f" (and {len(over) - 1} more programs)" if len(over) > 1 else ""))
+                f"--compile-only={target.name}: {over[0].name} needs {_size(over[0].peak)} per "
+                f"device, more than the {_size(target.memory)} of a {target.name} device"
+                + (f" (and {len(over) - 1} more programs)" if len(over) > 1 else ""))
     return reports
