@@ -54,6 +54,7 @@ from sgalm_jax.algorithms.selfplay_data import (
 )
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
+from sgalm_jax.training.aot import Program, abstract_batch, abstract_train_state
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import setup_run
 from sgalm_jax.training import (
@@ -248,6 +249,61 @@ def validate(config: Any) -> None:
         from sgalm_jax.algorithms.eval import validate_eval_section
 
         validate_eval_section(config)
+
+
+# ------------------------------------------------------------------------------------ AOT
+def programs(config: Any, mesh: Any) -> list[Any]:
+    """The programs a run compiles, at their largest shapes, with abstract arguments
+    (``--compile-only``): the train step (``train.batch_size`` prompts x (1 real + K synthetic)
+    rows of ``data.max_length``), the reference scorer and the sampler's prefill and decode
+    (``generation_batch_size`` prompts of ``max_prompt_length`` tokens, K samples each)."""
+    from flax import nnx
+
+    from sgalm_jax.models import CausalLM
+    from sgalm_jax.sampling import Sampler
+    from sgalm_jax.training.model_setup import model_config
+
+    sp, b, t = config.selfplay, int(config.train.batch_size), int(config.data.max_length)
+    k = int(sp.num_samples)
+    mcfg = model_config(config.model)
+    graphdef, params = split_model(nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0))))
+    tx, schedule = make_optimizer(config.optimizer, num_steps=1000, params=params)
+    state, shardings = abstract_train_state(params, tx, mesh)
+    loss_fn, takes_alpha = resolve_loss(config)
+    step = make_train_step(
+        make_selfplay_loss(graphdef, loss_fn, takes_alpha=takes_alpha,
+                           chunk_size=sp.logprob_chunk_size),
+        tx, mesh=mesh, state_shardings=shardings, extra_shardings=(sh.replicated(mesh),),
+        grad_accum_steps=config.train.grad_accum_steps,
+        compute_dtype=config.train.compute_dtype or None,
+        trainable=trainable_mask(params, config.optimizer.freeze) if config.optimizer.freeze
+        else None, learning_rate=schedule, skip_nonfinite=config.train.nonfinite == "skip")
+    batch = abstract_batch(mesh, {"input_ids": ((b, 1 + k, t), jnp.int32),
+                                  "attention_mask": ((b, 1 + k, t), jnp.int32),
+                                  "loss_mask": ((b, 1 + k, t), jnp.float32),
+                                  "ref_logprobs": ((b, 1 + k), jnp.float32)})
+    alpha = jax.ShapeDtypeStruct((), jnp.float32, sharding=sh.replicated(mesh))
+    out = [Program(f"train step ({b} x {1 + k} x {t})", step, (state, batch, alpha))]
+    scorer = SequenceScorer(graphdef, mesh=mesh, batch_size=sp.ref_batch_size,
+                            min_bucket=config.data.min_bucket, max_length=t,
+                            chunk_size=sp.logprob_chunk_size,
+                            compute_dtype=config.train.compute_dtype or None)
+    rows = scorer.batch_size
+    fields = {"ids": ((rows, t), jnp.int32), "attn": ((rows, t), jnp.int32),
+              "loss_mask": ((rows, t), jnp.float32)}
+    scored = abstract_batch(mesh, fields)
+    out.append(Program(f"reference scorer ({rows} x {t})", scorer._fn,
+                       (state.params, scored["ids"], scored["attn"], scored["loss_mask"]),
+                       resident=state.opt_state))
+    sampler = Sampler(graphdef, mcfg, pad_token_id=0, mesh=mesh,
+                      min_batch_bucket=int(sp.generation_batch_size))
+    for name, fn, args in sampler.abstract_programs(
+            state.params, rows=int(sp.generation_batch_size),
+            prompt_tokens=int(sp.max_prompt_length), max_new_tokens=int(sp.max_new_tokens),
+            num_samples=k, temperature=float(sp.temperature), top_k=int(sp.top_k) or None,
+            top_p=None if sp.top_p >= 1 else float(sp.top_p)):
+        out.append(Program(name, fn, args, resident=state.opt_state))
+    return out
 
 
 # ------------------------------------------------------------------------------------ the run
