@@ -12,8 +12,9 @@ process, so no cache is shared between them; ``--rounds`` repeats every (layers,
 alternating them, and the medians are printed with the machine's load average.
 
 ``--modes``: ``scan`` (``model.scan_layers=True``: one scanned block over stacked weights, the
-default) and ``unroll`` (a Python loop over the layers). On code without a ``scan_layers`` option
-(before scanned layers existed) use ``--modes legacy``.
+default) and ``unroll`` (a Python loop over the layers); ``legacy`` runs the children on another
+checkout given by ``--legacy-path`` (e.g. one from before scanned layers existed, whose model has
+no ``scan_layers`` option), so the old and new code alternate under the same load.
 
 The peer is the PyTorch side of nothing: compilation has no torch counterpart; the comparison is
 depth against depth (target: 36 layers within 1.3x of 4 with scan).
@@ -80,6 +81,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--chunk", type=int, default=128, help="sft.logits_chunk_size")
+    p.add_argument("--legacy-path", default="",
+                   help="checkout whose sgalm_jax the 'legacy' mode imports (PYTHONPATH)")
     p.add_argument("--one", default="", help=argparse.SUPPRESS)  # child: 'layers,mode'
     args = p.parse_args(argv)
     if args.one:
@@ -95,7 +98,10 @@ def main(argv=None) -> None:
                 loads.append(os.getloadavg()[0])
                 cmd = [sys.executable, __file__, "--one", f"{layers},{mode}", "--batch",
                        str(args.batch), "--seq", str(args.seq), "--chunk", str(args.chunk)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                env = dict(os.environ)
+                if mode == "legacy" and args.legacy_path:
+                    env["PYTHONPATH"] = os.path.abspath(args.legacy_path)
+                out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
                 if out.returncode:
                     sys.exit(f"layers={layers} mode={mode} failed:\n{out.stderr[-3000:]}")
                 res = json.loads(out.stdout.strip().splitlines()[-1])

@@ -2,9 +2,9 @@
 
 An algorithm is a module with ``run(config, workdir)`` (or ``run(config)``) and, optionally,
 ``validate(config)``: checks that run before anything is compiled and raise ``ConfigError`` naming
-the key; and ``programs(config, mesh)``: the :class:`sgalm_jax.compile_only.Program` s a run
-compiles, with abstract arguments at their largest shapes, for ``--compile-only``. Built-in names map to modules that are imported only when chosen. A new algorithm
-registers either way::
+the key; and ``programs(config, mesh)``: the :class:`sgalm_jax.training.aot.Program` s a run
+compiles, with abstract arguments at their largest shapes, for ``--compile-only``. Built-in names
+map to modules that are imported only when chosen. A new algorithm registers either way::
 
     # in the algorithm's module
     from sgalm_jax.algorithms import register_algorithm

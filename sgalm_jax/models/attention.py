@@ -20,7 +20,8 @@
     (slow; for tests). Under a multi-device mesh the kernel must run inside ``shard_map``: it is
     wrapped automatically when the mesh is set as JAX's context mesh (``jax.set_mesh``; the train
     steps and scorers of this library do so, see :func:`sgalm_jax.sharding.jit_on_mesh`), batch
-    over ``('data', 'fsdp')`` and heads over ``'tensor'``.
+    over ``('data', 'fsdp')`` and heads over ``'tensor'``; on several TPU devices without a context
+    mesh, XLA attention is used instead (with a warning).
 ``cudnn``
     ``jax.nn.dot_product_attention(implementation="cudnn")`` with the same dense mask as XLA (cuDNN
     turns it into a bias), for bf16/fp16 compute and head_dim <= 128; otherwise XLA. **Untested
@@ -192,8 +193,15 @@ def self_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array,
     ``mask`` [B, 1, T, T] is the dense boolean mask (causal, window, padding, segments) the XLA and
     cuDNN paths use; ``segments`` [B, T] the segment ids splash uses instead.
     """
-    impl = resolve_attention(requested, platform=current_platform(), dtype=q.dtype,
+    platform = current_platform()
+    impl = resolve_attention(requested, platform=platform, dtype=q.dtype,
                              seq_len=q.shape[1], head_dim=q.shape[-1])
+    if (impl == "splash" and platform == "tpu" and jax.sharding.get_abstract_mesh().empty
+            and jax.device_count() > 1):
+        # A Pallas TPU kernel cannot be partitioned by GSPMD: without a context mesh to shard_map
+        # over, several devices would fail to compile. Jitted callers should use jit_on_mesh.
+        impl = _fallback(requested, "no context mesh (jax.set_mesh / sharding.jit_on_mesh) to "
+                                    "run the kernel per device on")
     if impl == "splash":
         return splash_attention(q, k, v, segments, scale=scale, sliding_window=sliding_window)
     if impl == "cudnn":

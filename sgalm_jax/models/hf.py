@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp

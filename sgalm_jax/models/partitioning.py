@@ -11,9 +11,9 @@ name splits a weight's hidden dim over ``fsdp``.
 (``jax.set_mesh``; the train steps, scorers and samplers of this library set it). Without the pins,
 GSPMD propagates the weights' FSDP sharding of the hidden dim into the activations and keeps the
 *batch* whole on every device: a 2-layer Qwen2.5-3B-shaped discriminator step (64 x 1536 tokens,
-fsdp=8, v5e) compiled to 10.3 GiB of temporaries per chip that way, mostly [64, 1536, 11008] MLP
-activations, against ... with them (docs/benchmarks.md). :mod:`sgalm_jax.sharding` re-exports the
-names here.
+fsdp=8, v5e, XLA attention) compiled to 10.3 GiB of temporaries per chip that way, mostly
+[64, 1536, 11008] MLP activations, against 4.9 GiB with them (docs/benchmarks.md).
+:mod:`sgalm_jax.sharding` re-exports the names here.
 """
 
 from __future__ import annotations

@@ -23,10 +23,11 @@ from sgalm_jax.training.state import TrainState, train_state_shardings
 
 @dataclasses.dataclass
 class Program:
-    """One program to compile: ``fn`` a jitted function (or :class:`sgalm_jax.sharding.OnMesh`),
+    """One program to compile: ``fn`` a jitted function (or :class:`sgalm_jax.sharding.OnMesh`);
     ``args`` its abstract arguments, or a function of the program compiled just before it (its
-    ``jax.stages.Compiled``: e.g. a decode placed by its prefill's output shardings) returning them; ``resident`` abstract arrays alive during the program
-    that are not among its arguments."""
+    ``jax.stages.Compiled``: e.g. a decode placed by its prefill's output shardings) returning
+    them; ``resident`` abstract arrays alive during the program that are not among its
+    arguments."""
 
     name: str
     fn: Any
