@@ -12,7 +12,7 @@ Mesh: evaluation shards the batch over every device (``mesh.fsdp=-1``). A 3B mod
 one 80 GB GPU or any TPU v4/v5 chip; use ``eval.batch_size`` 64 there, 16-32 on smaller devices.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

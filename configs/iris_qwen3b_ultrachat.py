@@ -30,7 +30,7 @@ per chip, peak): train step (64 pairs x 1,024) 12.07, reference scorer 3.99, sam
 prompts x 512, cache 768) 7.65, decode 6.14: so a v5e-8 is enough (75% at most).
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

@@ -28,7 +28,7 @@ Schedule: 7,409 real samples after 64 held out; N = 7,409 generated per iteratio
 generated) and 1 G step (32 generated): 460 updates per iteration, 1,840 in all.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

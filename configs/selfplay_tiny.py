@@ -8,7 +8,7 @@ Other losses: ``--config.selfplay.loss=iris --config.selfplay.alpha_schedule=ada
 ``--config.selfplay.loss=space``, ``--config.selfplay.loss=spif``.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

@@ -14,7 +14,7 @@ Compiled for a TPU v5e-8 (``--compile-only=v5e-8``; GiB per chip): the train ste
 4.31 (fp32 weights + AdamW state) + 5.24 temporaries = 9.55 GiB peak of 16.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
     python -m sgalm_jax.main --config configs/sft_tiny.py --config.workdir=/tmp/sft_tiny
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

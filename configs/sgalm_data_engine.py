@@ -21,7 +21,7 @@ x 2048 positions, 9.4 GB);
 student SFT of 0.5B in fp32 with AdamW: ~8 GB + activations: fits one 80 GB GPU or a v4-8 easily.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

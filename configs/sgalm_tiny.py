@@ -6,7 +6,7 @@ The model is random, so its samples are noise and D separates them at once; the 
 whole loop (sampling, D and G steps, diagnostics, checkpoints, resume, export) runs.
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

@@ -32,7 +32,7 @@ chip, peak): train step (64 pairs x 512) 10.88, reference scorer 5.07, sampler p
 x 256, cache 512) 6.07, decode 5.49: all fit 16 GiB (68% at most).
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

@@ -31,7 +31,7 @@ chip, peak): train step (64 pairs x 1,024) 6.89, reference scorer 2.11, sampler 
 prompts x 512, cache 768) 3.77, decode 4.03 (43% at most: a v5e-16 may do; not compiled).
 """
 
-from sgalm_jax.config import base_config
+from sgalm_jax.algorithms import base_config
 
 
 def get_config():

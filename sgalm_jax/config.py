@@ -2,7 +2,7 @@
 
 Experiment files under ``configs/`` start from :func:`base_config` and override what they need::
 
-    from sgalm_jax.config import base_config
+    from sgalm_jax.algorithms import base_config
 
     def get_config():
         config = base_config()
@@ -16,6 +16,15 @@ runs before anything is compiled and raises :class:`ConfigError` naming the key 
 keys, wrong types, impossible values. Checks that need the device count (mesh shape, batch
 divisibility) run in :func:`validate_for_devices`.
 
+The base schema below holds what every algorithm shares (model, data, optimizer, train, checkpoint,
+eval, ...). An algorithm declares its own section beside its code with :func:`register_section`
+(``sgalm``, ``selfplay``, ``data_engine``, ``grpo`` are registered by their modules in
+:mod:`sgalm_jax.algorithms`); one mechanism then gives every key its default, its description in
+``--describe``, type checks and unknown-key errors. This module never imports the algorithms:
+importing :mod:`sgalm_jax.algorithms` adds a section provider (:func:`add_section_provider`) that
+imports the built-in ones, so from then on every built-in section is part of the schema.
+Experiment files start from :func:`sgalm_jax.algorithms.base_config`, which guarantees that.
+
 Keys whose description starts with ``(free-form)`` hold dicts whose own keys are not checked (e.g.
 ``model.hf_config``, HF config fields for a randomly initialised model).
 """
@@ -26,7 +35,7 @@ import difflib
 import json
 import math
 import os
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import ml_collections
 
@@ -63,6 +72,17 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0,
                        sliding_window=4096, tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                       intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
+                       tie_word_embeddings=False),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096,
+                         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, max_position_embeddings=131072,
+                         rope_theta=500000.0, tie_word_embeddings=False,
+                         rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
 }
 
 OPTIMIZERS = ("adamw", "rmsprop", "sgd")
@@ -115,10 +135,16 @@ _SCHEMA: dict[str, Any] = {
     "distributed": {
         "mode": ("auto", "multi-host JAX: auto (initialise when launched on several hosts), "
                          "on, off"),
-        "coordinator_address": ("", "host:port of process 0; '' = detected from the "
-                                    "environment (TPU VM, SLURM, JAX_COORDINATOR_ADDRESS)"),
-        "num_processes": (-1, "number of processes; -1 = detected"),
-        "process_id": (-1, "this process's index; -1 = detected"),
+        "coordinator_address": ("", "host:port of process 0; '' = $JAX_COORDINATOR_ADDRESS, or "
+                                    "detected (TPU VM, SLURM, Open MPI)"),
+        "num_processes": (-1, "number of processes; -1 = $JAX_NUM_PROCESSES, or detected"),
+        "process_id": (-1, "this process's index; -1 = $JAX_PROCESS_ID, or detected"),
+        "coordinator_bind_address": ("", "host:port process 0's coordinator listens on; '' = "
+                                         "$JAX_COORDINATOR_BIND_ADDRESS, else loopback for a "
+                                         "loopback coordinator_address, else every interface"),
+        "local_device_ids": ("", "comma-separated ids of the devices this process drives; '' = "
+                                 "$JAX_LOCAL_DEVICE_IDS, or all (SLURM: one GPU per task)"),
+        "initialization_timeout": (300, "seconds to wait for every process to join"),
     },
     "optimizer": {
         "name": ("adamw", "adamw, rmsprop (torch-style: sqrt(v) + eps, no momentum by "
@@ -202,65 +228,6 @@ _SCHEMA: dict[str, Any] = {
         "logits_chunk_size": (0, "compute the loss from hidden states this many positions at a "
                                  "time, never materialising [B, T, vocab] logits; 0 = full logits"),
     },
-    # --- selfplay + eval sections (algorithms/selfplay.py, algorithms/eval.py) ---------------
-    "selfplay": {
-        "loss": ("spin", "self-play loss by registry name (spin, iris, space, spif, dpo, or one "
-                         "registered with family='selfplay')"),
-        "loss_module": ("", "Python module imported before the loss lookup, so that its "
-                            "register_loss calls run (e.g. my_project.losses)"),
-        "beta": (0.0, "the loss's beta (reward scale); 0 = the loss's own default (SPIN 0.1, "
-                      "IRIS/SPACE 1.0)"),
-        "loss_kwargs": ({}, f"{FREE_FORM} further keyword arguments of the loss, e.g. "
-                            "{'loss_type': 'hinge'} or {'mu': 3.0}; set in a config file"),
-        "iterations": (3, "self-play iterations: each generates, scores and trains once"),
-        "epochs_per_iteration": (2.0, "passes over the iteration's pairs (sets the steps when "
-                                      "selfplay.steps_per_iteration is 0)"),
-        "steps_per_iteration": (0, "optimizer steps per iteration; 0 = from "
-                                   "epochs_per_iteration (train.num_steps is not used)"),
-        "lr_per_iteration": ("", "comma-separated peak learning rates, one per iteration (the "
-                                 "last repeats), e.g. '5e-7,5e-7,1e-7,1e-7'; '' = "
-                                 "optimizer.learning_rate"),
-        "mix_previous": (True, "SPIN's protocol: from iteration 1 on, also train on the previous "
-                               "iteration's synthetic responses (re-scored under the new "
-                               "reference)"),
-        "num_samples": (1, "synthetic responses per prompt (K)"),
-        "max_new_tokens": (256, "longest synthetic response in tokens"),
-        "max_prompt_length": (256, "prompts are cut from the left to this many tokens (generation "
-                                   "and training); responses get data.max_length minus the "
-                                   "prompt"),
-        "temperature": (1.0, "sampling temperature of synthetic responses (0 = greedy)"),
-        "top_p": (1.0, "nucleus sampling of synthetic responses (1 = off)"),
-        "top_k": (0, "top-k sampling of synthetic responses (0 = off)"),
-        "generation_batch_size": (256, "prompts per generation chunk; each chunk is saved, so a "
-                                       "killed run resumes generation at the next chunk"),
-        "ref_batch_size": (64, "sequences per forward of the once-per-iteration reference "
-                               "log-prob pass"),
-        "logprob_chunk_size": (256, "training forward: log-probs from hidden states in chunks "
-                                    "of this many positions (no [B, T, vocab] logits); 0 = "
-                                    "full logits"),
-        "first_turn": (True, "chat records: use the first user turn and the first assistant "
-                             "reply (SPIN's UltraChat pairs)"),
-        "subset_size": (0, "train on this many records drawn at random (seeded by "
-                           "selfplay.subset_seed) from those loaded; 0 = all"),
-        "subset_seed": (0, "seed of the selfplay.subset_size draw"),
-        "alpha_schedule": ("constant", "IRIS order alpha per iteration: constant, linear, cosine "
-                                       "(alpha_start -> alpha_end over the iterations) or "
-                                       "adaptive (from the measured gap)"),
-        "alpha": (1.0, "alpha of the constant schedule"),
-        "alpha_start": (2.0, "alpha at iteration 0 (linear, cosine)"),
-        "alpha_end": (0.5, "alpha at the last iteration (linear, cosine)"),
-        "alpha_min": (0.5, "adaptive: alpha when the gap is 0"),
-        "alpha_max": (2.0, "adaptive: alpha as the gap grows"),
-        "gap_scale": (1.0, "adaptive: alpha = min + (max - min) * tanh(gap / gap_scale)"),
-        "gap": ("likelihood", "adaptive gap estimate: likelihood (reference per-token log-prob "
-                              "of synthetic minus real; free) or logratio (per-token log-ratio "
-                              "margin of the previous iteration's pairs)"),
-        "eval_every": (1, "run the eval section's tasks after every this many iterations (and "
-                          "after the last); 0 = never"),
-        "eval_at_start": (False, "also evaluate the initial model before iteration 0"),
-        "export_iterations": (False, "also export each iteration's model in HF format to "
-                                     "workdir/iterations/iter_NNN"),
-    },
     "eval": {
         "tasks": ("gsm8k", "comma-separated tasks: gsm8k, arc (ARC-Challenge), mbpp, "
                            "arithmetic"),
@@ -282,80 +249,6 @@ _SCHEMA: dict[str, Any] = {
                            "forward)"),
         "sandbox_workers": (0, "parallel MBPP sandbox processes; 0 = min(8, 2 x CPUs)"),
     },
-    # --- sgalm + data_engine sections (algorithms/sgalm.py, algorithms/data_engine.py) ------
-    "sgalm": {
-        "variant": ("full", "full (one model is G and D), d_only (only D steps), g_only (only G "
-                            "steps, rewarded by D frozen at the iteration start) or two_models "
-                            "(separate G and D params and optimizer states)"),
-        "sample_format": ("full", "full: the model writes a whole new sample (question and "
-                                  "answer); answer: it answers a real training question"),
-        "iterations": (4, "outer iterations T: sample with a frozen snapshot, then train D and G"),
-        "num_samples": (0, "synthetic samples generated per iteration; 0 = the size of the real "
-                           "pool"),
-        "num_shots": (4, "real samples shown in each generator prompt (in-context examples)"),
-        "d_steps": (1, "discriminator steps per round (k_D)"),
-        "g_steps": (1, "generator steps per round (k_G)"),
-        "rounds_per_iteration": (0, "D/G rounds per iteration; 0 = one pass over the generated "
-                                    "samples (ceil(N_train / (train.batch_size / 2)))"),
-        "heldout_size": (64, "real samples kept out of the pool, and generated samples kept out "
-                             "of D's training, for the per-iteration diagnostics"),
-        "final_samples": (-1, "samples generated after the last iteration for the final "
-                              "diagnostics; -1 = sgalm.num_samples, 0 = none"),
-        "max_new_tokens": (0, "longest generated sample in tokens; 0 = the 99th percentile of "
-                              "the real samples' lengths plus 16"),
-        "temperature": (1.0, "sampling temperature of the generator (0 = greedy)"),
-        "top_p": (1.0, "nucleus sampling of the generator (1 = off)"),
-        "top_k": (0, "top-k sampling of the generator (0 = off)"),
-        "sample_batch_size": (64, "rows (prompts) per sampler call"),
-        "score_batch_size": (32, "sequences per forward when scoring samples with D"),
-        "reward": ("log_d", "generator reward from D: log_d, d or logit"),
-        "generator_loss": ("score_function", "score_function (REINFORCE with the batch-"
-                                             "standardised reward) or weighted_likelihood"),
-        "advantage": ("standardize", "score function: standardize, center or raw reward"),
-        "tau": (1.0, "weighted_likelihood: softmax temperature of the weights"),
-        "length_normalize": (False, "generator loss on the per-token mean log-prob of a sample "
-                                    "instead of its sum"),
-        "reward_params": ("current", "params of the D that rewards G steps: current (the params "
-                                     "being trained, detached) or snapshot (frozen at the "
-                                     "iteration start); g_only always uses snapshot"),
-        "anchor_weight": (0.0, "weight of an SFT anchor (NLL of real samples under the "
-                               "generator prompt) added to the generator loss; 0 = off"),
-        "g_loss_weight": (1.0, "multiplier of the generator loss (lambda_G)"),
-        "chat_template": (False, "wrap generator and discriminator prompts in the tokenizer's "
-                                 "chat template (the label then has no leading space)"),
-        "prompts": ({}, f"{FREE_FORM} SGALMTemplates fields overriding the default prompts, "
-                        "e.g. {'real_word': 'Human', 'fake_word': 'Model'}"),
-        "task_options": ({}, f"{FREE_FORM} keyword arguments of the task, e.g. "
-                             "{'max_value': 99} for arithmetic"),
-        "length_bucket": (64, "shortest padded length of D/G batches; longer ones pad to this "
-                              "times the next power of two"),
-        "logprob_chunk_size": (256, "generator loss: log-probs from hidden states in chunks of "
-                                    "this many positions (no [B, T, vocab] logits)"),
-        "log_samples": (4, "generated samples per iteration also written as TensorBoard text"),
-    },
-    "data_engine": {
-        "generator_path": ("", "HF model that writes SGALM's synthetic samples (e.g. an SGALM "
-                               "run's export); '' = model.path (no SGALM training)"),
-        "self_instruct_path": ("", "HF model of the Self-Instruct baseline; '' = model.path"),
-        "methods": ("sgalm,self_instruct", "comma-separated pipelines: sgalm (4-shot SGALM "
-                                           "prompt) and/or self_instruct (baseline)"),
-        "scales": ("1,2,4", "synthetic set sizes as multiples k of the real train set"),
-        "dedupe_ngram": (13, "n of the word n-grams compared with the test split"),
-        "dedupe_threshold": (0.5, "drop a sample when more than this fraction of its n-grams "
-                                  "occur in the test split"),
-        "rouge_threshold": (0.7, "Self-Instruct: drop a sample whose question has ROUGE-L F1 "
-                                 "above this with any earlier one (seeds included)"),
-        "self_instruct_seeds": (6, "Self-Instruct: real samples per prompt"),
-        "self_instruct_generated": (2, "Self-Instruct: earlier generated samples per prompt"),
-        "mix_real": (True, "SFT the student on real + synthetic samples (False: synthetic "
-                           "only)"),
-        "baseline_real_only": (True, "also SFT the student on the real samples alone (the k=0 "
-                                     "row)"),
-        "student_path": ("", "HF checkpoint of the smaller student model"),
-        "student_init": ("", "instead of student_path: a random-init preset (tests, demos)"),
-        "epochs": (1.0, "student SFT passes over its data (sets train.num_steps); the "
-                        "students are then evaluated with the eval section"),
-    },
 }
 
 
@@ -369,9 +262,90 @@ def _walk(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, An
             yield path, value[0], value[1]
 
 
-DESCRIPTIONS: dict[str, str] = {path: desc for path, _, desc in _walk(_SCHEMA)}
-DEFAULTS: dict[str, Any] = {path: default for path, default, _ in _walk(_SCHEMA)}
-FREE_FORM_KEYS = frozenset(p for p, d in DESCRIPTIONS.items() if d.startswith(FREE_FORM))
+# Views of the schema, updated in place when a section is registered (so that names imported from
+# here stay current).
+DESCRIPTIONS: dict[str, str] = {}
+DEFAULTS: dict[str, Any] = {}
+FREE_FORM_KEYS: set[str] = set()
+# Registered section name -> the module that declared it.
+SECTIONS: dict[str, str] = {}
+# Functions that register sections (e.g. by importing the built-in algorithms); called before the
+# schema is read. Higher layers add them, so this module never imports them.
+_SECTION_PROVIDERS: list[Callable[[], None]] = []
+_loading = False
+
+
+def add_section_provider(provider: Callable[[], None]) -> None:
+    """Call ``provider()`` (idempotent) before the schema is read: ``sgalm_jax.algorithms`` adds
+    one that imports every built-in algorithm, so whenever that package is imported,
+    :func:`base_config`, ``--describe`` and validation see every built-in section."""
+    if provider not in _SECTION_PROVIDERS:
+        _SECTION_PROVIDERS.append(provider)
+
+
+def load_sections() -> None:
+    """Run the section providers (once each per call; re-entrant calls return at once)."""
+    global _loading
+    if _loading:
+        return
+    _loading = True
+    try:
+        for provider in list(_SECTION_PROVIDERS):
+            provider()
+    finally:
+        _loading = False
+
+
+def _refresh() -> None:
+    DESCRIPTIONS.clear()
+    DEFAULTS.clear()
+    for path, default, desc in _walk(_SCHEMA):
+        DESCRIPTIONS[path] = desc
+        DEFAULTS[path] = default
+    FREE_FORM_KEYS.clear()
+    FREE_FORM_KEYS.update(p for p, d in DESCRIPTIONS.items() if d.startswith(FREE_FORM))
+
+
+def _check_schema(schema: Mapping[str, Any], prefix: str) -> None:
+    for key, value in schema.items():
+        path = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            _check_schema(value, path)
+        elif not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], str)
+                  and value[1].strip()):
+            raise ValueError(f"config section key {path}: expected (default, description), got "
+                             f"{value!r}")
+
+
+def register_section(name: str, schema: Mapping[str, Any], *, owner: str = "") -> None:
+    """Add an algorithm's own config section ``name`` to the schema.
+
+    ``schema`` has the base schema's form, ``{key: (default, one-line description)}`` (nested dicts
+    are subsections), so the section gets what every key gets: a default in
+    :func:`base_config`, a line in ``--describe``, type checks and unknown-key errors. An algorithm
+    module calls this at import time, beside its code::
+
+        register_section("grpo", {"num_generations": (8, "completions sampled per prompt")},
+                         owner=__name__)
+
+    This module never imports algorithms: the section provider that :mod:`sgalm_jax.algorithms`
+    adds imports the built-in ones, and a researcher's module registers its section when imported
+    (import it before building the config, as ``selfplay.loss_module`` does for losses). Registering
+    the same name again from the same owner replaces the section (a reloaded module); a name that
+    is already a core section or another owner's is a ValueError.
+    """
+    if not name or "." in name:
+        raise ValueError(f"config section name {name!r}: expected a plain identifier")
+    if name in _SCHEMA and SECTIONS.get(name) != owner:
+        where = SECTIONS.get(name, "the base schema")
+        raise ValueError(f"config section {name!r} is already defined by {where}")
+    _check_schema(schema, name)
+    _SCHEMA[name] = dict(schema)
+    SECTIONS[name] = owner
+    _refresh()
+
+
+_refresh()
 
 
 def _build(schema: Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -404,17 +378,25 @@ def load_config_file(name: str, relative_to: str) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """A fresh ConfigDict with every key at its default."""
+    """A fresh ConfigDict with every key at its default: the base schema and every section
+    registered so far (:func:`sgalm_jax.algorithms.base_config` registers the built-in algorithms'
+    sections first; experiment files use that one)."""
+    load_sections()
     return _build(_SCHEMA)
 
 
 def get_config() -> ml_collections.ConfigDict:
     """The embedded default config (``algorithm='demo'``), used when ``--config`` is left out."""
-    return base_config()
+    # ml_collections loads this file as a fresh module when it is the --config file; the
+    # registered algorithm sections live in the imported sgalm_jax.config, so build from that one.
+    import sgalm_jax.config as registered
+
+    return registered.base_config()
 
 
 def describe() -> str:
     """Every key with its default and description, one per line (``--describe`` prints it)."""
+    load_sections()
     width = max(map(len, DESCRIPTIONS))
     return "\n".join(f"{k:<{width}}  {DEFAULTS[k]!r:<12}  {d}" for k, d in DESCRIPTIONS.items())
 
@@ -427,6 +409,7 @@ def _did_you_mean(key: str) -> str:
 
 def check_key(key: str) -> None:
     """Raise ConfigError if ``key`` (dotted) is not a config key (``--config.KEY=...`` overrides)."""
+    load_sections()
     if key in DESCRIPTIONS:
         return
     if any(key.startswith(f + ".") for f in FREE_FORM_KEYS):
@@ -506,6 +489,7 @@ def validate_config(config: Any) -> None:
 
     Algorithm-specific checks (model source, data source) are in the algorithm's ``validate``.
     """
+    load_sections()
     seen = set()
     for key, value in _flatten(config):
         if key not in DEFAULTS:
@@ -518,7 +502,7 @@ def validate_config(config: Any) -> None:
     missing = sorted(set(DEFAULTS) - seen)
     if missing:
         raise ConfigError(f"{missing[0]}: key missing from the config (start experiment files "
-                          "from sgalm_jax.config.base_config())")
+                          "from sgalm_jax.algorithms.base_config())")
     check_finite(config)
 
     for key in ("model.dtype", "model.param_dtype"):

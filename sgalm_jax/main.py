@@ -105,7 +105,9 @@ def parse_config(argv: Sequence[str]) -> Any:
     from ml_collections import config_flags
 
     from sgalm_jax import config as cfg
+    from sgalm_jax.algorithms import load_builtin_algorithms
 
+    load_builtin_algorithms()  # their config sections: the schema the file and overrides meet
     argv = list(argv)
     for key in _override_keys(argv[1:]):
         cfg.check_key(key)
@@ -196,10 +198,12 @@ def prepare(argv: Sequence[str]) -> tuple[Any, Any, str]:
     from sgalm_jax import config as cfg
     from sgalm_jax.algorithms import get_algorithm
     from sgalm_jax.training.distributed import maybe_initialize
+    from sgalm_jax.training.lora_setup import check_supported
 
     config = parse_config(argv)
     cfg.validate_config(config)
     algorithm = get_algorithm(config.algorithm)
+    check_supported(config)  # lora.enabled only for algorithms that train adapters
     maybe_initialize(config.distributed)
     if algorithm.validate is not None:
         algorithm.validate(config)
@@ -215,12 +219,21 @@ def run_in_workdir(config: Any, algorithm: Any, workdir: str) -> Any:
     import jax
 
     from sgalm_jax.config import save_config
+    from sgalm_jax.errors import WorkdirError
+    from sgalm_jax.training.multihost import broadcast_from_main
     from sgalm_jax.training.workdir import WorkdirLock, check_workdir
 
-    lock = None
+    lock, error = None, None
     if jax.process_index() == 0:
-        check_workdir(workdir)
-        lock = WorkdirLock(workdir).acquire()
+        try:
+            check_workdir(workdir)
+            lock = WorkdirLock(workdir).acquire()
+        except WorkdirError as e:
+            error = e
+    # Every process stops with process 0 (the others would wait for it in their first collective).
+    if not broadcast_from_main(error is None):
+        raise error or WorkdirError(f"{workdir}: process 0 cannot use the run directory (see its "
+                                    "error)")
     try:
         if lock is not None:
             save_config(config, os.path.join(workdir, "config.json"))

@@ -145,3 +145,22 @@ def readonly_dir(tmp_path):
         pytest.skip("cannot mount a read-only tmpfs here")
     yield path
     _umount(path)
+
+
+@pytest.fixture(scope="session")
+def jail_sandbox_factory():
+    """Makes sandboxes in the bubblewrap jail (``isolation="bwrap"``). Where bwrap cannot start the
+    test is skipped, except under CI (``CI`` set), where the jail is required and its absence fails."""
+    import dataclasses
+
+    from sgalm_jax.evaluation.sandbox import Sandbox, SandboxConfig, SandboxUnavailable
+
+    def make(config: SandboxConfig | None = None, **kwargs):
+        try:
+            return Sandbox(dataclasses.replace(config or SandboxConfig(), isolation="bwrap"), **kwargs)
+        except SandboxUnavailable as e:
+            if os.environ.get("CI"):
+                pytest.fail(f"the bubblewrap jail must work in CI (.ci/run installs bubblewrap): {e}")
+            pytest.skip(str(e))
+
+    return make

@@ -17,6 +17,11 @@ map to modules that are imported only when chosen. A new algorithm registers eit
     # or, without editing this package: register_algorithm("my_algo", module="my_pkg.my_algo")
 
 ``get_algorithm(name)`` returns an :class:`Algorithm`; calling it runs the algorithm.
+
+An algorithm's own config keys live beside its code: the module calls
+:func:`sgalm_jax.config.register_section` at import time. :func:`base_config` is the base config
+with every built-in algorithm's section (what experiment files start from); ``sgalm_jax.main``
+loads the built-in modules the same way before it reads a config.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import importlib
 import inspect
 from typing import Any, Callable
 
+from sgalm_jax import config as _config
 from sgalm_jax.errors import ConfigError
 
 # name -> module, imported on first use (so `import sgalm_jax.main` stays light).
@@ -36,6 +42,7 @@ BUILTIN: dict[str, str] = {
     "data_engine": "sgalm_jax.algorithms.data_engine",
     "selfplay": "sgalm_jax.algorithms.selfplay",
     "gad": "sgalm_jax.algorithms.gad",
+    "grpo": "sgalm_jax.algorithms.grpo",
     "eval": "sgalm_jax.algorithms.eval",
 }
 
@@ -94,13 +101,10 @@ def get_algorithm(name: str) -> Algorithm:
     if name not in _MODULES:
         raise ConfigError(f"algorithm: unknown algorithm {name!r}; known: {list_algorithms()}")
     module_name = _MODULES[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name and module_name.startswith(e.name):
-            raise ConfigError(f"algorithm: {name!r} is not available yet ({module_name} does not "
-                              "exist)") from None
-        raise
+    module = _import_available(module_name)
+    if module is None:
+        raise ConfigError(f"algorithm: {name!r} is not available yet ({module_name} does not "
+                          "exist)")
     if name in _REGISTRY:  # the module registered itself
         return _REGISTRY[name]
     run = getattr(module, "run", None)
@@ -112,4 +116,30 @@ def get_algorithm(name: str) -> Algorithm:
     return algo
 
 
-__all__ = ["Algorithm", "BUILTIN", "get_algorithm", "list_algorithms", "register_algorithm"]
+def _import_available(module_name: str) -> Any:
+    """The module, or None when it does not exist (an algorithm announced but not built yet)."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            return None
+        raise
+
+
+def load_builtin_algorithms() -> None:
+    """Import every built-in algorithm module, so that each registers its config section."""
+    for module_name in BUILTIN.values():
+        _import_available(module_name)
+
+
+def base_config() -> Any:
+    """The base config with every built-in algorithm's section (experiment files start here)."""
+    load_builtin_algorithms()
+    return _config.base_config()
+
+
+# Whenever this package is imported, the schema (sgalm_jax.config) sees every built-in section.
+_config.add_section_provider(load_builtin_algorithms)
+
+__all__ = ["Algorithm", "BUILTIN", "base_config", "get_algorithm", "list_algorithms",
+           "load_builtin_algorithms", "register_algorithm"]

@@ -52,8 +52,10 @@ from sgalm_jax.algorithms.selfplay_data import (
     load_prompt_set,
     synthetic_rows,
 )
+from sgalm_jax.config import FREE_FORM, register_section
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
+from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.aot import Program, abstract_batch, abstract_train_state
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import setup_run
@@ -61,23 +63,80 @@ from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
     PreemptionGuard,
+    Roles,
     StepTimer,
-    TrainState,
-    abstract_like,
-    create_train_state,
     inject_fault,
     make_optimizer,
     make_train_step,
     merge_model,
     model_loss,
     split_model,
-    train_state_shardings,
     trainable_mask,
 )
 
 log = logging.getLogger(__name__)
 
 GAP_ESTIMATORS = ("likelihood", "logratio")
+
+# This algorithm's config section (``--describe`` lists it; see sgalm_jax.config).
+register_section("selfplay", {
+    "loss": ("spin", "self-play loss by registry name (spin, iris, space, spif, dpo, or one "
+                     "registered with family='selfplay')"),
+    "loss_module": ("", "Python module imported before the loss lookup, so that its "
+                        "register_loss calls run (e.g. my_project.losses)"),
+    "beta": (0.0, "the loss's beta (reward scale); 0 = the loss's own default (SPIN 0.1, "
+                  "IRIS/SPACE 1.0)"),
+    "loss_kwargs": ({}, f"{FREE_FORM} further keyword arguments of the loss, e.g. "
+                        "{'loss_type': 'hinge'} or {'mu': 3.0}; set in a config file"),
+    "iterations": (3, "self-play iterations: each generates, scores and trains once"),
+    "epochs_per_iteration": (2.0, "passes over the iteration's pairs (sets the steps when "
+                                  "selfplay.steps_per_iteration is 0)"),
+    "steps_per_iteration": (0, "optimizer steps per iteration; 0 = from "
+                               "epochs_per_iteration (train.num_steps is not used)"),
+    "lr_per_iteration": ("", "comma-separated peak learning rates, one per iteration (the "
+                             "last repeats), e.g. '5e-7,5e-7,1e-7,1e-7'; '' = "
+                             "optimizer.learning_rate"),
+    "mix_previous": (True, "SPIN's protocol: from iteration 1 on, also train on the previous "
+                           "iteration's synthetic responses (re-scored under the new "
+                           "reference)"),
+    "num_samples": (1, "synthetic responses per prompt (K)"),
+    "max_new_tokens": (256, "longest synthetic response in tokens"),
+    "max_prompt_length": (256, "prompts are cut from the left to this many tokens (generation "
+                               "and training); responses get data.max_length minus the "
+                               "prompt"),
+    "temperature": (1.0, "sampling temperature of synthetic responses (0 = greedy)"),
+    "top_p": (1.0, "nucleus sampling of synthetic responses (1 = off)"),
+    "top_k": (0, "top-k sampling of synthetic responses (0 = off)"),
+    "generation_batch_size": (256, "prompts per generation chunk; each chunk is saved, so a "
+                                   "killed run resumes generation at the next chunk"),
+    "ref_batch_size": (64, "sequences per forward of the once-per-iteration reference "
+                           "log-prob pass"),
+    "logprob_chunk_size": (256, "training forward: log-probs from hidden states in chunks "
+                                "of this many positions (no [B, T, vocab] logits); 0 = "
+                                "full logits"),
+    "first_turn": (True, "chat records: use the first user turn and the first assistant "
+                         "reply (SPIN's UltraChat pairs)"),
+    "subset_size": (0, "train on this many records drawn at random (seeded by "
+                       "selfplay.subset_seed) from those loaded; 0 = all"),
+    "subset_seed": (0, "seed of the selfplay.subset_size draw"),
+    "alpha_schedule": ("constant", "IRIS order alpha per iteration: constant, linear, cosine "
+                                   "(alpha_start -> alpha_end over the iterations) or "
+                                   "adaptive (from the measured gap)"),
+    "alpha": (1.0, "alpha of the constant schedule"),
+    "alpha_start": (2.0, "alpha at iteration 0 (linear, cosine)"),
+    "alpha_end": (0.5, "alpha at the last iteration (linear, cosine)"),
+    "alpha_min": (0.5, "adaptive: alpha when the gap is 0"),
+    "alpha_max": (2.0, "adaptive: alpha as the gap grows"),
+    "gap_scale": (1.0, "adaptive: alpha = min + (max - min) * tanh(gap / gap_scale)"),
+    "gap": ("likelihood", "adaptive gap estimate: likelihood (reference per-token log-prob "
+                          "of synthetic minus real; free) or logratio (per-token log-ratio "
+                          "margin of the previous iteration's pairs)"),
+    "eval_every": (1, "run the eval section's tasks after every this many iterations (and "
+                      "after the last); 0 = never"),
+    "eval_at_start": (False, "also evaluate the initial model before iteration 0"),
+    "export_iterations": (False, "also export each iteration's model in HF format to "
+                                 "workdir/iterations/iter_NNN"),
+}, owner=__name__)
 
 # Reference log-prob passes run by this process, per iteration (tests count them).
 REFERENCE_PASSES: dict[int, int] = {}
@@ -212,6 +271,11 @@ def validate(config: Any) -> None:
     from sgalm_jax.losses.selfplay import ALPHA_SCHEDULES
 
     sft.validate(config)
+    if config.lora.enabled:
+        from sgalm_jax.training.lora_setup import validate as validate_lora
+        from sgalm_jax.training.model_setup import model_config
+
+        validate_lora(config, model_config(config.model))
     sp = config.selfplay
     resolve_loss(config)
     if config.data.packing:
@@ -331,7 +395,8 @@ class _Run:
         self.ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"),
                                              config.checkpoint)
         self.finite = FiniteGuard.from_config(config, self.ckpt)
-        self._step_fns: dict[tuple, Any] = {}
+        self.roles: Roles | None = None
+        self.lora = None  # a LoraSetup with lora.enabled
         self._evaluator = None
         self.scorer = None
         self.sampler = None
@@ -363,21 +428,51 @@ class _Run:
         abstract_model = nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0)))
         return split_model(abstract_model)
 
-    def step_fn(self, t: int, tx: Any, schedule: Any, shardings: TrainState, params: Any):
-        key = (learning_rate(self.config, t), self.steps[t])
-        if key not in self._step_fns:
-            cfg = self.config
-            self._step_fns[key] = make_train_step(
-                make_selfplay_loss(self.graphdef, self.loss_fn, takes_alpha=self.takes_alpha,
-                                   chunk_size=cfg.selfplay.logprob_chunk_size),
-                tx, mesh=self.mesh, state_shardings=shardings,
-                extra_shardings=(sh.replicated(self.mesh),),
-                grad_accum_steps=cfg.train.grad_accum_steps,
-                compute_dtype=cfg.train.compute_dtype or None,
-                trainable=trainable_mask(params, cfg.optimizer.freeze) if cfg.optimizer.freeze
-                else None,
-                learning_rate=schedule, skip_nonfinite=self.finite.skip)
-        return self._step_fns[key]
+    def build_roles(self, latest: int | None) -> dict[str, Any]:
+        """The ``policy`` learner (θ_t while iteration t trains) and its ``reference`` view: the
+        policy as it is when an iteration starts, scored once before any step of that iteration
+        (no second copy on the devices). Restored from checkpoint ``latest`` when given."""
+        from sgalm_jax.training.model_setup import build_model
+
+        config = self.config
+        self.roles = Roles(self.mesh)
+        if config.lora.enabled:  # the policy is adapters on a frozen base (its view reads both)
+            from sgalm_jax.models.lora import split_adapters
+            from sgalm_jax.training.lora_setup import LoraSetup
+
+            self.lora = LoraSetup(config, self.mesh, self.mcfg)
+            self.graphdef = self.lora.graphdef
+            tx, schedule = self.optimizer(0, split_adapters(self.lora.abstract)[0])
+            self.lora.declare_base(self.roles)
+            self.lora.learner(self.roles, "policy", tx, schedule=schedule, seed=config.seed)
+            self.roles.view("reference", of="policy")
+            return self.roles.build(self.ckpt, latest)
+        if latest is None:
+            model = build_model(config.model, mesh=self.mesh, seed=config.seed)
+            self.graphdef, params = split_model(model)
+            del model
+        else:
+            self.graphdef, params = self.abstract_params()
+        # The optimizer's state has the same structure in every iteration (only the LR differs).
+        tx, schedule = self.optimizer(0, params)
+        self.roles.learner("policy", self.graphdef, params, tx, schedule=schedule, seed=config.seed)
+        self.roles.view("reference", of="policy")
+        return self.roles.build(self.ckpt, latest)
+
+    def train_step_name(self, t: int) -> str:
+        """Add (once per learning rate and length) the policy's train step for iteration t."""
+        name = f"selfplay_lr{learning_rate(self.config, t)!r}_n{self.steps[t]}"
+        cfg, policy = self.config, self.roles["policy"]
+        policy.add_step(
+            name, make_selfplay_loss(self.graphdef, self.loss_fn, takes_alpha=self.takes_alpha,
+                                     chunk_size=cfg.selfplay.logprob_chunk_size),
+            extra_shardings=(sh.replicated(self.mesh),),
+            grad_accum_steps=cfg.train.grad_accum_steps,
+            compute_dtype=cfg.train.compute_dtype or None,
+            trainable=trainable_mask(policy.own_params, cfg.optimizer.freeze)
+            if cfg.optimizer.freeze
+            else None, skip_nonfinite=self.finite.skip)
+        return name
 
     def ensure_tools(self) -> None:
         if self.sampler is None:
@@ -398,7 +493,7 @@ class _Run:
         None when preempted during generation."""
         path = os.path.join(self.iter_dir(t), "data.npz")
         n, k = len(self.data), self.config.selfplay.num_samples
-        if os.path.exists(path):
+        if mh.exists(path):  # process 0's view, so that every process takes the same branch
             data = IterationData.load(path)
             if data.meta.get("fingerprint") != self.fingerprint or data.num_samples != k:
                 raise ConfigError(f"{path}: stored for other prompts or another num_samples; use a "
@@ -413,7 +508,7 @@ class _Run:
         gb = sp.generation_batch_size
         for c, start in enumerate(range(0, n, gb)):
             chunk_path = os.path.join(self.iter_dir(t), f"gen_{c:05d}.npz")
-            if os.path.exists(chunk_path):
+            if mh.exists(chunk_path):
                 with np.load(chunk_path) as z:
                     tok, ln, fin = z["tokens"], z["lengths"], z["finished"]
             else:
@@ -472,8 +567,8 @@ class _Run:
         data.meta = self.iteration_stats(t, data, prev, lengths, finished)
         data.meta.update(fingerprint=self.fingerprint, gen_seconds=round(gen_seconds, 3),
                          ref_seconds=round(ref_seconds, 3), ref_sequences=len(seqs))
+        mh.write_once(data.save, path, name=f"selfplay_data_{t}")  # the next iteration reads it
         if self.is_main:
-            data.save(path)
             self.write_samples(t, syn)
         data.meta["fresh"] = True
         return data
@@ -539,7 +634,7 @@ class _Run:
         from sgalm_jax.algorithms.eval import flat_metrics
 
         out = os.path.join(self.workdir, "eval", tag)
-        if os.path.exists(os.path.join(out, "results.json")):
+        if mh.exists(os.path.join(out, "results.json")):
             return
         t0 = time.time()
         results = self.evaluator().evaluate(params, out_dir=out)
@@ -549,48 +644,37 @@ class _Run:
         self.event("eval", tag=tag, step=step)
 
     def maybe_export(self, path: str, params: Any) -> None:
+        """Export ``params`` to ``path`` unless done. Every process calls it: the export gathers
+        the sharded weights (a collective); only process 0 writes."""
         from sgalm_jax.models import save_pretrained
 
-        if os.path.exists(os.path.join(path, "config.json")):
+        if mh.exists(os.path.join(path, "config.json")):
             return
-        save_pretrained(merge_model(self.graphdef, params), path, tokenizer=self.tokenizer,
+        model = merge_model(self.graphdef, params)
+        if self.lora is not None:  # the adapters first: the merged export marks completion
+            self.lora.export_adapter(model, path + "_adapter")
+        save_pretrained(model, path, tokenizer=self.tokenizer,  # LoRA: merged weights
                         dtype=self.config.checkpoint.export_dtype or None)
         log.info("exported the model in HF format to %s", path)
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict[str, Any]:
-        from sgalm_jax.training.model_setup import build_model
-
         config, sp = self.config, self.config.selfplay
         iters = sp.iterations
         latest = self.ckpt.latest_step() if config.checkpoint.resume else None
-        restored_state = None
+        meta = self.build_roles(latest)
+        policy = self.roles["policy"]
         start_t, start_s = 0, 0
-        if latest is None:
-            model = build_model(config.model, mesh=self.mesh, seed=config.seed)
-            self.graphdef, params = split_model(model)
-            del model
-        else:
-            self.graphdef, abstract = self.abstract_params()
-            tx, _ = self.optimizer(0, abstract)
-            state_abs = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract,
-                                   opt_state=jax.eval_shape(tx.init, abstract),
-                                   rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-            shardings = train_state_shardings(state_abs, self.mesh,
-                                              sh.state_shardings(abstract, self.mesh))
-            restored, meta = self.ckpt.restore(
-                abstract_like(state_abs.to_dict(), shardings.to_dict()), latest)
-            restored_state = TrainState.from_dict(restored)
-            params = restored_state.params
+        ready = 0  # the iteration whose optimizer state the policy holds (None: a fresh one is due)
+        if latest is not None:
             t, s = int(meta["iteration"]), int(meta["iter_step"])
             if s >= self.steps[t]:
-                start_t, restored_state = t + 1, None
+                start_t, ready = t + 1, None
             else:
-                start_t, start_s = t, s
+                start_t, start_s, ready = t, s, t
             log.info("resumed from %s at step %d (iteration %d, step %d of it)",
                      self.ckpt.directory, latest, t, s)
             self.event("resume", step=int(latest), iteration=t, iter_step=s)
-        params_shardings = sh.state_shardings(params, self.mesh)
 
         total = self.offsets[-1]
         last: dict[str, Any] = {}
@@ -600,11 +684,11 @@ class _Run:
                 tensorboard=config.metrics.tensorboard,
                 progress_bar=config.metrics.progress_bar) as writer:
             if sp.eval_at_start and start_t == 0 and start_s == 0:
-                self.maybe_evaluate("initial", params, 0, writer)
+                self.maybe_evaluate("initial", policy.params, 0, writer)
             if start_t > 0:  # a run killed between its last checkpoint and the hooks
-                self.after_iteration(start_t - 1, params, writer)
+                self.after_iteration(start_t - 1, policy.params, writer)
             for t in range(start_t, iters):
-                data = self.prepare_iteration(t, params, guard)
+                data = self.prepare_iteration(t, self.roles["reference"].params, guard)
                 if data is None:
                     return self.preempted(last, self.offsets[t])
                 if data.meta.get("fresh"):  # written once, when the data is made
@@ -613,17 +697,13 @@ class _Run:
                                                    and not isinstance(v, bool)})
                 log.info("iteration %d: gap %.4f, alpha %.4f, synthetic length %.1f", t,
                          data.meta["gap"], data.meta["alpha"], data.meta["syn_length_mean"])
-                tx, schedule = self.optimizer(t, params)
-                if restored_state is not None:
-                    state = restored_state
-                    restored_state = None
-                    shardings = train_state_shardings(state, self.mesh, params_shardings)
-                else:
-                    state, shardings = create_train_state(params, tx, seed=config.seed + t,
-                                                          mesh=self.mesh,
-                                                          params_shardings=params_shardings)
-                del params
-                step_fn = self.step_fn(t, tx, schedule, shardings, state.params)
+                tx, schedule = self.optimizer(t, policy.own_params)
+                if ready == t:  # built for, or restored in the middle of, this iteration
+                    policy.set_optimizer(tx, schedule)
+                else:  # θ_{t+1} trains from θ_t with a fresh optimizer state
+                    policy.reset_optimizer(tx, schedule, seed=config.seed + t)
+                ready = None
+                step_name = self.train_step_name(t)
                 sources = [(data.syn, data.ref_syn)]
                 if sp.mix_previous and t > 0:
                     prev = IterationData.load(os.path.join(self.iter_dir(t - 1), "data.npz"))
@@ -639,8 +719,8 @@ class _Run:
                 timer.reset()
                 for s in range(start_s, self.steps[t]):
                     local = batches.batch(s, process_index=pidx, process_count=pcount)
-                    state, metrics = step_fn(state, sh.global_batch_from_local(local, self.mesh),
-                                             alpha)
+                    metrics = policy.step(step_name, sh.global_batch_from_local(local, self.mesh),
+                                          alpha)
                     g = self.offsets[t] + s + 1
                     self.finite.add(g, metrics)
                     timer.add(tokens=int(local["attention_mask"].sum()) * pcount)
@@ -653,31 +733,29 @@ class _Run:
                     stop = guard.should_stop(g)
                     if self.ckpt.should_save(g) or stop or s + 1 == self.steps[t]:
                         self.finite.check()  # never checkpoint or export a diverged state
-                        self.ckpt.save(g, state.to_dict(), {"iteration": t, "iter_step": s + 1,
-                                                            "time": time.time()})
+                        self.roles.save(self.ckpt, g, {"iteration": t, "iter_step": s + 1,
+                                                       "time": time.time()})
                     inject_fault(g)
                     if stop:
                         self.ckpt.wait()
                         return self.preempted(last, g)
                 start_s = 0
-                params = state.params
-                del state
                 self.ckpt.wait()
-                self.after_iteration(t, params, writer)
+                self.after_iteration(t, policy.params, writer)
             self.ckpt.close()
             writer.flush()
         out = {**last, "preempted": False, "step": total,
                "reference_passes": dict(REFERENCE_PASSES)}
-        if config.checkpoint.export and self.is_main:
+        if config.checkpoint.export:
             export = os.path.join(self.workdir, "export")
-            self.maybe_export(export, params)
+            self.maybe_export(export, policy.params)
             out["export"] = export
         return out
 
     def after_iteration(self, t: int, params: Any, writer: MetricsWriter) -> None:
         """The per-iteration hooks (idempotent: skipped when their files exist)."""
         step = self.offsets[t + 1]
-        if self.config.selfplay.export_iterations and self.is_main:
+        if self.config.selfplay.export_iterations:
             self.maybe_export(os.path.join(self.workdir, "iterations", f"iter_{t:03d}"), params)
         if self.eval_due(t):
             self.maybe_evaluate(f"iter_{t:03d}", params, step, writer)

@@ -23,8 +23,10 @@ For each of ``sgalm.iterations`` iterations t:
 
 Variants (``sgalm.variant``): ``full``; ``d_only`` (no G steps); ``g_only`` (no D steps; the reward
 is D frozen at the iteration start); ``two_models`` (separate G and D params and optimizer states,
-the same steps). Checkpoints (Orbax) are taken every ``checkpoint.every_steps`` updates, at the end
-of every iteration and on SIGTERM; the metadata says where in the iteration to resume.
+the same steps). Roles (:mod:`sgalm_jax.training.roles`): one learner ``model`` reached as
+``generator`` and ``discriminator``, or two learners of one graph for ``two_models``. Checkpoints
+(Orbax, every role) are taken every ``checkpoint.every_steps`` updates, at the end of every
+iteration and on SIGTERM; the metadata says where in the iteration to resume.
 """
 
 from __future__ import annotations
@@ -53,14 +55,13 @@ from sgalm_jax.algorithms.sgalm_data import (
     samples_path,
     save_samples,
 )
-from sgalm_jax.config import validate_for_devices
+from sgalm_jax.config import FREE_FORM, register_section, validate_for_devices
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import sequence_logprobs_from_hidden, shift_targets
 from sgalm_jax.losses.sgalm import (
     ADVANTAGES,
     GENERATOR_FORMS,
     GENERATOR_REWARDS,
-    LabelTokenIds,
     discriminator_loss,
     discriminator_score_logits,
     generator_loss,
@@ -70,23 +71,21 @@ from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
     PreemptionGuard,
-    TrainState,
-    abstract_like,
-    create_train_state,
+    Roles,
+    copy_params,
     inject_fault,
     make_optimizer,
     make_train_step,
-    merge_model,
     split_model,
-    train_state_shardings,
     trainable_mask,
 )
+from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.aot import (Program, abstract_batch, abstract_train_state,
                                     rows_fields)
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
-from sgalm_jax.training.tokenizer import BUILTIN_TINY
+from sgalm_jax.training.tokenizer import BUILTIN_TINY, LabelTokenIds
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +93,69 @@ VARIANTS = ("full", "d_only", "g_only", "two_models")
 SAMPLE_FORMATS = ("full", "answer")
 REWARD_PARAMS = ("current", "snapshot")
 
+# This algorithm's config section (``--describe`` lists it; see sgalm_jax.config).
+register_section("sgalm", {
+    "variant": ("full", "full (one model is G and D), d_only (only D steps), g_only (only G "
+                        "steps, rewarded by D frozen at the iteration start) or two_models "
+                        "(separate G and D params and optimizer states)"),
+    "sample_format": ("full", "full: the model writes a whole new sample (question and "
+                              "answer); answer: it answers a real training question"),
+    "iterations": (4, "outer iterations T: sample with a frozen snapshot, then train D and G"),
+    "num_samples": (0, "synthetic samples generated per iteration; 0 = the size of the real "
+                       "pool"),
+    "num_shots": (4, "real samples shown in each generator prompt (in-context examples)"),
+    "d_steps": (1, "discriminator steps per round (k_D)"),
+    "g_steps": (1, "generator steps per round (k_G)"),
+    "rounds_per_iteration": (0, "D/G rounds per iteration; 0 = one pass over the generated "
+                                "samples (ceil(N_train / (train.batch_size / 2)))"),
+    "heldout_size": (64, "real samples kept out of the pool, and generated samples kept out "
+                         "of D's training, for the per-iteration diagnostics"),
+    "final_samples": (-1, "samples generated after the last iteration for the final "
+                          "diagnostics; -1 = sgalm.num_samples, 0 = none"),
+    "max_new_tokens": (0, "longest generated sample in tokens; 0 = the 99th percentile of "
+                          "the real samples' lengths plus 16"),
+    "temperature": (1.0, "sampling temperature of the generator (0 = greedy)"),
+    "top_p": (1.0, "nucleus sampling of the generator (1 = off)"),
+    "top_k": (0, "top-k sampling of the generator (0 = off)"),
+    "sample_batch_size": (64, "rows (prompts) per sampler call"),
+    "score_batch_size": (32, "sequences per forward when scoring samples with D"),
+    "reward": ("log_d", "generator reward from D: log_d, d or logit"),
+    "generator_loss": ("score_function", "score_function (REINFORCE with the batch-"
+                                         "standardised reward) or weighted_likelihood"),
+    "advantage": ("standardize", "score function: standardize, center or raw reward"),
+    "tau": (1.0, "weighted_likelihood: softmax temperature of the weights"),
+    "length_normalize": (False, "generator loss on the per-token mean log-prob of a sample "
+                                "instead of its sum"),
+    "reward_params": ("current", "params of the D that rewards G steps: current (the params "
+                                 "being trained, detached) or snapshot (frozen at the "
+                                 "iteration start); g_only always uses snapshot"),
+    "anchor_weight": (0.0, "weight of an SFT anchor (NLL of real samples under the "
+                           "generator prompt) added to the generator loss; 0 = off"),
+    "g_loss_weight": (1.0, "multiplier of the generator loss (lambda_G)"),
+    "chat_template": (False, "wrap generator and discriminator prompts in the tokenizer's "
+                             "chat template (the label then has no leading space)"),
+    "prompts": ({}, f"{FREE_FORM} SGALMTemplates fields overriding the default prompts, "
+                    "e.g. {'real_word': 'Human', 'fake_word': 'Model'}"),
+    "task_options": ({}, f"{FREE_FORM} keyword arguments of the task, e.g. "
+                         "{'max_value': 99} for arithmetic"),
+    "length_bucket": (64, "shortest padded length of D/G batches; longer ones pad to this "
+                          "times the next power of two"),
+    "logprob_chunk_size": (256, "generator loss: log-probs from hidden states in chunks of "
+                                "this many positions (no [B, T, vocab] logits)"),
+    "log_samples": (4, "generated samples per iteration also written as TensorBoard text"),
+}, owner=__name__)
+
 
 # ------------------------------------------------------------------------------------ validation
 def validate(config: Any) -> None:
     """SGALM-specific checks before anything is compiled; ConfigError naming the key."""
     from sgalm_jax.data import list_tasks
 
-    model_config(config.model)
+    mcfg = model_config(config.model)
+    if config.lora.enabled:
+        from sgalm_jax.training.lora_setup import validate as validate_lora
+
+        validate_lora(config, mcfg)
     tok = tokenizer_source(config)
     if not tok:
         raise ConfigError("tokenizer.path: no tokenizer; set tokenizer.path (a directory, or "
@@ -282,7 +337,7 @@ class DScorer:
             batch = pad_rows([rows[i] for i in idx], bucket=self.bucket, pad_id=self.pad_id,
                              num_rows=self.batch_size)
             z = self._fn(params, to_global(batch, self.mesh))
-            out[idx] = np.asarray(jax.device_get(z))[:len(idx)]
+            out[idx] = sh.to_host(z)[:len(idx)]  # every host's rows
         return out
 
 
@@ -387,18 +442,6 @@ def _step_options(config: Any, mesh: Any, shardings: Any, trainable: Any) -> dic
 
 
 # ------------------------------------------------------------------------------------ the run
-@dataclasses.dataclass
-class Roles:
-    """The train states: ``g`` and ``d`` are the same object unless ``two_models``."""
-
-    g: TrainState
-    d: TrainState
-    two: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"g": self.g.to_dict(), "d": self.d.to_dict()} if self.two else self.g.to_dict()
-
-
 class SGALM:
     """The SGALM loop's state and pieces; :func:`run` drives it. Reused by the demo."""
 
@@ -424,17 +467,23 @@ class SGALM:
         self.total_updates = int(s.iterations) * self.per_iter
         self.max_new_tokens = int(s.max_new_tokens) or self.data.p99_length + 16
         self.gen_opts = GeneratorOptions.from_config(config)
+        self.lora = None  # a LoraSetup with lora.enabled
         log.info("SGALM %s: %d iterations x %d rounds x (%d D + %d G steps); %d samples per "
                  "iteration (%d held out), up to %d new tokens; %d real samples (+%d held out)",
                  s.variant, s.iterations, self.rounds, self.steps_d, self.steps_g,
                  self.num_samples, self.heldout_fakes, self.max_new_tokens,
                  len(self.data.pool), len(self.data.heldout))
 
-    # ---------------------------------------------------------------- states
-    def build_states(self, ckpt: Checkpointer, resume_step: int | None
-                     ) -> tuple[Any, Roles, dict[str, Any]]:
+    # ---------------------------------------------------------------- roles
+    def build_roles(self, ckpt: Checkpointer, resume_step: int | None
+                    ) -> tuple[Roles, dict[str, Any]]:
+        """The generator and discriminator roles: one learner ``model`` reached by both names,
+        or (``two_models``) two learners of the same graph, D starting as a copy of G. Restored
+        from checkpoint ``resume_step`` when given."""
         cfg = self.config
         two = cfg.sgalm.variant == "two_models"
+        if cfg.lora.enabled:
+            return self._build_lora_roles(ckpt, resume_step)
         if resume_step is None:
             model = build_model(cfg.model, mesh=self.mesh, seed=cfg.seed)
         else:
@@ -450,57 +499,73 @@ class SGALM:
         self.tx_d, self.lr_d = (make_optimizer(cfg.optimizer, num_steps=max(n_d, 1),
                                                params=params) if two else (self.tx_g, self.lr_g))
         pshard = sh.state_shardings(params, self.mesh)
-        meta: dict[str, Any] = {}
-        if resume_step is None:
-            g, shard = create_train_state(params, self.tx_g, seed=cfg.seed, mesh=self.mesh,
-                                          params_shardings=pshard)
-            if two:
-                # Separate buffers: the steps donate their state, so D must not alias G's params.
-                d_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p),
-                                   out_shardings=pshard)(g.params)
-                d, _ = create_train_state(d_params, self.tx_d, seed=cfg.seed + 1, mesh=self.mesh,
-                                          params_shardings=pshard)
-            else:
-                d = g
-            roles = Roles(g, d, two)
-            self.shardings = shard
+        roles = Roles(self.mesh)
+        if two:
+            roles.learner("generator", graphdef, params, self.tx_g, schedule=self.lr_g,
+                          seed=cfg.seed, params_shardings=pshard)
+            # Separate buffers: the steps donate their state, so D must not alias G's params.
+            roles.learner("discriminator", graphdef, params, self.tx_d, schedule=self.lr_d,
+                          seed=cfg.seed + 1, params_shardings=pshard,
+                          init=lambda: copy_params(roles["generator"].params, pshard))
         else:
-            def abstract(tx):
-                st = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                                opt_state=jax.eval_shape(tx.init, params),
-                                rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
-                return st, train_state_shardings(st, self.mesh, pshard)
-
-            ag, shard = abstract(self.tx_g)
-            target = abstract_like(ag.to_dict(), shard.to_dict())
-            if two:
-                ad, dshard = abstract(self.tx_d)
-                target = {"g": target, "d": abstract_like(ad.to_dict(), dshard.to_dict())}
-            restored, meta = ckpt.restore(target, resume_step)
-            if two:
-                roles = Roles(TrainState.from_dict(restored["g"]),
-                              TrainState.from_dict(restored["d"]), True)
-            else:
-                st = TrainState.from_dict(restored)
-                roles = Roles(st, st, False)
-            self.shardings = shard
+            roles.learner("model", graphdef, params, self.tx_g, schedule=self.lr_g,
+                          seed=cfg.seed, params_shardings=pshard)
+            roles.alias("generator", "model")
+            roles.alias("discriminator", "model")
+        meta = roles.build(ckpt, resume_step)
+        if resume_step is not None:
             log.info("resumed from %s at update %d (iteration %d, step %d of %d)", ckpt.directory,
                      resume_step, meta.get("iteration", 0), meta.get("iter_step", 0),
                      self.per_iter)
         self.graphdef = graphdef
-        return graphdef, roles, meta
+        return roles, meta
+
+    def _build_lora_roles(self, ckpt: Checkpointer, resume_step: int | None
+                          ) -> tuple[Roles, dict[str, Any]]:
+        """LoRA: one frozen ``base``; ``model`` (adapters on it, reached as generator and
+        discriminator), or for ``two_models`` two adapter sets on the same base (D's adapters from
+        another seed; with B = 0 both start as the base model, as D starts as a copy of G)."""
+        from sgalm_jax.models.lora import split_adapters
+        from sgalm_jax.training.lora_setup import LoraSetup
+
+        cfg = self.config
+        two = cfg.sgalm.variant == "two_models"
+        self.lora = LoraSetup(cfg, self.mesh, self.mcfg)
+        own, _ = split_adapters(self.lora.abstract)
+        n_g = int(cfg.sgalm.iterations) * self.rounds * (self.steps_g if two else
+                                                         self.steps_d + self.steps_g)
+        n_d = int(cfg.sgalm.iterations) * self.rounds * self.steps_d
+        self.tx_g, self.lr_g = make_optimizer(cfg.optimizer, num_steps=max(n_g, 1), params=own)
+        self.tx_d, self.lr_d = (make_optimizer(cfg.optimizer, num_steps=max(n_d, 1), params=own)
+                                if two else (self.tx_g, self.lr_g))
+        roles = Roles(self.mesh)
+        self.lora.declare_base(roles)
+        if two:
+            self.lora.learner(roles, "generator", self.tx_g, schedule=self.lr_g, seed=cfg.seed)
+            self.lora.learner(roles, "discriminator", self.tx_d, schedule=self.lr_d,
+                              seed=cfg.seed + 1)
+        else:
+            self.lora.learner(roles, "model", self.tx_g, schedule=self.lr_g, seed=cfg.seed)
+            roles.alias("generator", "model")
+            roles.alias("discriminator", "model")
+        meta = roles.build(ckpt, resume_step)
+        self.graphdef = self.lora.graphdef
+        return roles, meta
 
     def make_steps(self, roles: Roles) -> None:
+        """The D step (on the discriminator role) and the G step (on the generator role)."""
         cfg = self.config
-        trainable = (trainable_mask(roles.g.params, cfg.optimizer.freeze)
+        gen, disc = roles["generator"], roles["discriminator"]
+        trainable = (trainable_mask(gen.own_params, cfg.optimizer.freeze)
                      if cfg.optimizer.freeze else None)
-        common = _step_options(cfg, self.mesh, self.shardings, trainable)
+        common = dict(grad_accum_steps=cfg.train.grad_accum_steps,
+                      compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
+                      skip_nonfinite=cfg.train.nonfinite == "skip")
         labels = self.data.labels
-        self.d_step = make_train_step(make_d_loss(self.graphdef, labels), self.tx_d,
-                                      learning_rate=self.lr_d, **common)
-        extra = (self.shardings.params,) if self.gen_opts.reward_source == "separate" else ()
-        self.g_step = make_train_step(make_g_loss(self.graphdef, labels, self.gen_opts), self.tx_g,
-                                      learning_rate=self.lr_g, extra_shardings=extra, **common)
+        disc.add_step("d", make_d_loss(self.graphdef, labels), **common)
+        extra = (disc.model_shardings(),) if self.gen_opts.reward_source == "separate" else ()
+        gen.add_step("g", make_g_loss(self.graphdef, labels, self.gen_opts),
+                     extra_shardings=extra, **common)
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
                                min_batch_bucket=int(cfg.sgalm.sample_batch_size))
         self.scorer = DScorer(self.graphdef, labels, self.mesh,
@@ -622,8 +687,9 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     ckpt = Checkpointer.from_config(os.path.join(workdir, "checkpoints"), config.checkpoint)
     finite = FiniteGuard.from_config(config, ckpt)
     resume_step = ckpt.latest_step() if config.checkpoint.resume else None
-    graphdef, roles, meta = algo.build_states(ckpt, resume_step)
+    roles, meta = algo.build_roles(ckpt, resume_step)
     algo.make_steps(roles)
+    gen, disc = roles["generator"], roles["discriminator"]
 
     t = int(meta.get("iteration", 0))
     i0 = int(meta.get("iter_step", 0))
@@ -639,16 +705,16 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             bar_keys=("d_loss", "d_acc", "g_loss")) as writer:
         while t < iterations and not preempted:
             path = samples_path(workdir, t)
-            resumed = os.path.exists(path)
+            resumed = mh.exists(path)  # process 0's view: every process takes one branch
             if resumed:
                 samples = load_samples(path)
                 log.info("iteration %d: reusing the %d samples of %s", t, len(samples), path)
             else:
-                samples = algo.sample(roles.g.params, roles.d.params, algo.num_samples, t,
+                samples = algo.sample(gen.params, disc.params, algo.num_samples, t,
                                       algo.heldout_fakes)
                 save_samples(path, samples)
             if not (resumed and i0 > 0):  # the iteration-start diagnostics (once per iteration)
-                rec = algo.diagnostics(roles.d.params, samples)
+                rec = algo.diagnostics(disc.params, samples)
                 rec["diag/iteration"] = t
                 out = writer.write(u, rec)
                 print(f"iteration {t} start: " + _fmt(out, ("diag/d_acc_heldout",
@@ -667,17 +733,14 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 rnd, within = divmod(i, per_round)
                 if within < algo.steps_d:
                     batch = algo.d_batch(train, mb, rnd * algo.steps_d + within)
-                    new_d, m = algo.d_step(roles.d, to_global(batch, algo.mesh))
+                    m = disc.step("d", to_global(batch, algo.mesh))
                     finite.add(u + 1, m, role="discriminator")
-                    roles = Roles(roles.g if roles.two else new_d, new_d, roles.two)
                     m = _d_metrics(jax.device_get(m))
                 else:
                     batch = algo.g_batch(train, mb, rnd * algo.steps_g + within - algo.steps_d)
-                    extra = (roles.d.params,) if algo.gen_opts.reward_source == "separate" else ()
-                    new_g, m = algo.g_step(roles.g, to_global(batch, algo.mesh),
-                                           *extra)
+                    extra = (disc.params,) if algo.gen_opts.reward_source == "separate" else ()
+                    m = gen.step("g", to_global(batch, algo.mesh), *extra)
                     finite.add(u + 1, m, role="generator")
-                    roles = Roles(new_g, roles.d if roles.two else new_g, roles.two)
                     m = _g_metrics(jax.device_get(m))
                 u += 1
                 if u % config.train.log_every == 0 or i + 1 == algo.per_iter:
@@ -686,15 +749,15 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 finite.check()  # every update (its metrics are on the host already)
                 stop = guard.should_stop(u)
                 if ckpt.should_save(u) or stop or i + 1 == algo.per_iter:
-                    ckpt.save(u, roles.to_dict(), {"iteration": t, "iter_step": i + 1,
-                                                   "update": u, "time": time.time()})
+                    roles.save(ckpt, u, {"iteration": t, "iter_step": i + 1, "update": u,
+                                         "time": time.time()})
                 inject_fault(u)
                 if stop:
                     preempted = True
                     break
             if preempted:
                 break
-            rec = algo.end_of_iteration(roles.d.params, samples)
+            rec = algo.end_of_iteration(disc.params, samples)
             rec["diag/iteration"] = t
             out.update(writer.write(u, rec))
             print(f"iteration {t} end: " + _fmt(rec, ("diag/end_d_acc_heldout",
@@ -709,10 +772,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             return {**out, "preempted": True, "update": u}
         n_final = algo.num_samples if s.final_samples < 0 else int(s.final_samples)
         if n_final:
-            final = algo.sample(roles.g.params, roles.d.params, n_final, "final",
+            final = algo.sample(gen.params, disc.params, n_final, "final",
                                 min(algo.heldout_fakes, n_final // 4))
             save_samples(samples_path(workdir, "final"), final)
-            rec = algo.diagnostics(roles.d.params, final)
+            rec = algo.diagnostics(disc.params, final)
             rec["diag/iteration"] = iterations
             out.update(writer.write(u, rec))
             print("after training: " + _fmt(out, ("diag/d_acc_heldout", "diag/d_heldout_real",
@@ -724,13 +787,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
         from sgalm_jax.models import save_pretrained
 
         export_dir = os.path.join(workdir, "export")
-        save_pretrained(merge_model(graphdef, roles.g.params), export_dir,
+        save_pretrained(gen.model(), export_dir,  # LoRA: merged weights
                         tokenizer=algo.tokenizer, dtype=config.checkpoint.export_dtype or None)
         out["export"] = export_dir
-        if roles.two:
-            save_pretrained(merge_model(graphdef, roles.d.params),
+        if algo.lora is not None:
+            out["export_adapter"] = algo.lora.export_adapter(
+                gen.model(), os.path.join(workdir, "export_adapter"))
+        if not roles.same("generator", "discriminator"):
+            save_pretrained(disc.model(),
                             os.path.join(workdir, "export_discriminator"),
                             tokenizer=algo.tokenizer,
                             dtype=config.checkpoint.export_dtype or None)
+            if algo.lora is not None:
+                algo.lora.export_adapter(disc.model(),
+                                         os.path.join(workdir, "export_discriminator_adapter"))
         log.info("exported the generator in HF format to %s", export_dir)
     return out

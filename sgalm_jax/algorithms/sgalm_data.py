@@ -34,7 +34,7 @@ from sgalm_jax.data.prompts import (
     sgalm_generator_prompt,
 )
 from sgalm_jax.errors import ConfigError, DataError
-from sgalm_jax.losses.sgalm import LabelTokenIds, resolve_label_token_ids
+from sgalm_jax.training.tokenizer import LabelTokenIds, resolve_label_token_ids
 from sgalm_jax.sampling import Sampler, trim_stop_strings
 from sgalm_jax.training.batching import truncate
 

@@ -18,8 +18,9 @@ Prompt (as in the MBPP paper and lm-evaluation-harness ``mbpp``)::
     <assert 3>
     [BEGIN]
 
-and the target is ``<code>\\n[DONE]``. A completion is judged by running its code and the asserts
-in the sandbox of :mod:`sgalm_jax.evaluation.sandbox`.
+and the target is ``<code>\\n[DONE]``. A completion is judged by running its code in the sandbox of
+:mod:`sgalm_jax.evaluation.sandbox`; each assert's call of the function is evaluated there and
+compared with the expected value outside the sandbox (:mod:`sgalm_jax.evaluation.verdict`).
 """
 
 from __future__ import annotations
@@ -175,14 +176,23 @@ class MBPPTask(Task):
             self._sandbox = Sandbox(self.sandbox_config or SandboxConfig(), max_workers=self.max_workers)
         return self._sandbox
 
+    def names_under_test(self, example: Example) -> frozenset[str]:
+        """The names the *reference* solution defines (the asserts' program side): a candidate
+        that redefines ``set`` or ``sorted`` cannot move them out of the judge's hands."""
+        from sgalm_jax.evaluation.verdict import defined_names
+
+        imports = "\n".join(example.fields.get("test_imports", []))
+        return defined_names(example.answer) - defined_names(imports)
+
     def score_batch(self, examples: Sequence[Example], outputs: Sequence[str], *, progress: bool = False) -> list[Score]:
-        jobs = [self.build_program(e, o) for e, o in zip(examples, outputs, strict=True)]
+        jobs = [(*self.build_program(e, o), self.names_under_test(e)) for e, o in zip(examples, outputs, strict=True)]
         results = self.sandbox().run_many(jobs, progress=progress)
         return [
             Score(
                 correct=r.passed,
                 extracted=extract_code(o),
-                details={"status": r.status, "reason": r.reason, "duration_s": round(r.duration_s, 3)},
+                details={"status": r.status, "reason": r.reason, "duration_s": round(r.duration_s, 3),
+                         "isolation": r.isolation},
             )
             for o, r in zip(outputs, results)
         ]

@@ -316,10 +316,10 @@ def sgalm_discriminator_prompt(
 def real_fake_token_ids(tokenizer: Any, templates: SGALMTemplates | None = None, *, leading_space: bool = True) -> tuple[int, int]:
     """Token ids of the Real and Fake answer words (``" Real"``/``" Fake"`` with ``leading_space``).
 
-    A thin wrapper of :func:`sgalm_jax.losses.resolve_label_token_ids` (the one implementation):
+    A thin wrapper of :func:`sgalm_jax.training.tokenizer.resolve_label_token_ids` (the one implementation):
     a multi-token word uses its first token (logged), and the two first tokens must differ.
     """
-    from sgalm_jax.losses.sgalm import resolve_label_token_ids
+    from sgalm_jax.training.tokenizer import resolve_label_token_ids
 
     t = templates or SGALMTemplates()
     ids = resolve_label_token_ids(tokenizer, t.real_word, t.fake_word, leading_space=leading_space)

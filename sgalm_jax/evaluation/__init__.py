@@ -14,12 +14,12 @@ from sgalm_jax.evaluation.judge_backends import ChatRequest, LocalChatBackend, O
 from sgalm_jax.evaluation.mbpp import evaluate_mbpp
 from sgalm_jax.evaluation.results import EvalResult, write_results
 from sgalm_jax.evaluation.rouge import RougeScore, mean_rouge_l, rouge_l
-from sgalm_jax.evaluation.sandbox import Sandbox, SandboxConfig, SandboxResult, run_program
+from sgalm_jax.evaluation.sandbox import Sandbox, SandboxConfig, SandboxResult, SandboxUnavailable, run_program
 
 __all__ = [
     "ChatRequest", "EvalResult", "GenerateFn", "Judge", "JudgeItem", "LocalChatBackend", "LoglikFn",
-    "OpenAIChatBackend", "RougeScore", "Sandbox", "SandboxConfig", "SandboxResult", "build_judge",
-    "choose", "evaluate_arc_generate", "evaluate_arc_loglik", "evaluate_generation",
+    "OpenAIChatBackend", "RougeScore", "Sandbox", "SandboxConfig", "SandboxResult", "SandboxUnavailable",
+    "build_judge", "choose", "evaluate_arc_generate", "evaluate_arc_loglik", "evaluate_generation",
     "evaluate_gsm8k", "evaluate_mbpp", "generate_all", "gsm8k_exact_match", "mean_rouge_l",
     "parse_scores", "pass_at_k", "rouge_l", "run_program", "write_results",
 ]

@@ -1,8 +1,10 @@
 """MBPP evaluation: pass@1 (greedy) and unbiased pass@k (sampling) with sandboxed execution.
 
-Each completion's code (cut at ``[DONE]``; the first fenced block if any) is run together with
-the problem's test asserts in :mod:`sgalm_jax.evaluation.sandbox`; a problem counts as solved
-by a sample when every assert passes. ``generate_fn`` receives each prompt ``num_samples``
+Each completion's code (cut at ``[DONE]``; the first fenced block if any) is run in
+:mod:`sgalm_jax.evaluation.sandbox`; each assert's call of the function is evaluated there and the
+assert itself is decided outside the sandbox. A problem counts as solved by a sample when every
+assert passes. The summary records which isolation was in force (``sandbox_isolation``:
+``bwrap`` or ``guarded``). ``generate_fn`` receives each prompt ``num_samples``
 times in a row.
 """
 
@@ -45,6 +47,10 @@ def evaluate_mbpp(
         st = rec.get("details", {}).get("status", "?")
         statuses[st] = statuses.get(st, 0) + 1
     result.metrics["sandbox_status"] = statuses
+    sandbox = task.sandbox()
+    # Which isolation was in force: "bwrap" (the jail) or "guarded" (the weaker fallback).
+    result.metrics["sandbox_isolation"] = sandbox.isolation
+    result.metrics["sandbox_isolation_detail"] = sorted({rec.get("details", {}).get("isolation", "") for rec in result.records} - {""})
     if out_dir is not None:
         result.write(out_dir)
     return result

@@ -35,12 +35,12 @@ from sgalm_jax.losses.common import (
     sequence_logprobs,
     sequence_logprobs_from_hidden,
     shift_targets,
+    token_logprobs_and_entropy_from_hidden,
     standardize,
     token_logprobs,
 )
 from sgalm_jax.losses.sft import sft_loss, sft_loss_from_logprobs
 from sgalm_jax.losses.sgalm import (
-    LabelTokenIds,
     balanced_gradient_sum,
     discriminator_loss,
     discriminator_prob,
@@ -48,7 +48,6 @@ from sgalm_jax.losses.sgalm import (
     gather_answer_logits,
     generator_loss,
     generator_reward,
-    resolve_label_token_ids,
 )
 from sgalm_jax.losses.preference import bradley_terry_loss, dpo_loss, last_token_scores
 from sgalm_jax.losses.selfplay import (
@@ -75,13 +74,12 @@ __all__ = [
     # common
     "SequenceLogprobs", "causal_lm_logprobs", "effective_sample_size", "masked_mean", "masked_std",
     "masked_sum", "sequence_logprobs", "sequence_logprobs_from_hidden", "shift_targets", "standardize",
-    "token_logprobs",
+    "token_logprobs", "token_logprobs_and_entropy_from_hidden",
     # sft
     "sft_loss", "sft_loss_from_logprobs",
     # sgalm
-    "LabelTokenIds", "balanced_gradient_sum", "discriminator_loss", "discriminator_prob",
+    "balanced_gradient_sum", "discriminator_loss", "discriminator_prob",
     "discriminator_score_logits", "gather_answer_logits", "generator_loss", "generator_reward",
-    "resolve_label_token_ids",
     # preference
     "bradley_terry_loss", "dpo_loss", "last_token_scores",
     # selfplay

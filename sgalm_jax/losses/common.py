@@ -43,6 +43,7 @@ __all__ = [
     "shift_targets",
     "causal_lm_logprobs",
     "sequence_logprobs_from_hidden",
+    "token_logprobs_and_entropy_from_hidden",
     "masked_sum",
     "masked_mean",
     "masked_std",
@@ -290,3 +291,54 @@ def sequence_logprobs_from_hidden(
     _, lp = jax.lax.scan(body, None, (hs, ts))
     lp = lp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
     return _pack(lp, mask)
+
+
+def token_logprobs_and_entropy_from_hidden(
+    hidden: Array,
+    head: Union[Array, Callable[[Array], Array]],
+    targets: Array,
+    *,
+    chunk_size: int = 128,
+    temperature: float = 1.0,
+) -> Tuple[Array, Array]:
+    """Per-token log-probs (differentiable) and entropies (detached) of ``logits / temperature``.
+
+    The chunked, checkpointed projection of :func:`sequence_logprobs_from_hidden` (no [B, T, V]
+    array), with two additions a policy-gradient step needs: the temperature the completions were
+    sampled at divides the logits (as TRL and verl do, so the ratio and KL are those of the
+    sampling distribution's logits), and the entropy of each position's distribution comes from
+    the same chunk's logits, as a diagnostic (``stop_gradient``: no entropy bonus).
+
+    Returns ``(logprobs [B, T], entropy [B, T])`` in fp32, unmasked (apply the caller's mask).
+    """
+    b, t, h = hidden.shape
+    c = max(1, min(int(chunk_size), t))
+    n = -(-t // c)
+    pad = n * c - t
+    tg = jnp.clip(jnp.asarray(targets, jnp.int32), 0, None)
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        tg = jnp.pad(tg, ((0, 0), (0, pad)))
+    project = head if callable(head) else (lambda x: x @ head)
+    inv_t = 1.0 / float(temperature)
+
+    @jax.checkpoint
+    def chunk_fn(hc: Array, tc: Array) -> Tuple[Array, Array]:
+        logits = project(hc).astype(jnp.float32) * inv_t
+        tc = jnp.clip(tc, 0, logits.shape[-1] - 1)
+        # Detached: the entropy is reported, not optimised.
+        x = jax.lax.stop_gradient(logits)
+        lse = jax.nn.logsumexp(x, axis=-1)
+        ent = lse - jnp.sum(jax.nn.softmax(x, axis=-1) * x, axis=-1)
+        return _gather_logprobs(logits, tc), ent
+
+    hs = hidden.reshape(b, n, c, h).swapaxes(0, 1)
+    ts = tg.reshape(b, n, c).swapaxes(0, 1)
+
+    def body(carry, xs):
+        return carry, chunk_fn(*xs)
+
+    _, (lp, ent) = jax.lax.scan(body, None, (hs, ts))
+    lp = lp.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+    ent = ent.swapaxes(0, 1).reshape(b, n * c)[:, :t]
+    return lp, ent

@@ -140,6 +140,7 @@ def grpo_loss(
     loss_agg: str = "token_mean",
     max_response_len: Optional[int] = None,
     logratio_clamp: float = 20.0,
+    kl_bias_correction: bool = False,
 ) -> Tuple[Array, Metrics]:
     """PPO-clipped GRPO policy loss with optional KL-to-reference, per token then aggregated.
 
@@ -157,6 +158,10 @@ def grpo_loss(
         ``use_kl_loss`` / TRL ``beta``); k3 is verl's ``low_var_kl``.
       loss_agg: see :func:`aggregate_token_loss`.
       logratio_clamp: |log π_θ − log π_old| is clamped to this before exp (verl: 20).
+      kl_bias_correction: multiply the per-token KL by the importance ratio ρ (not detached, not
+        clipped), which makes the KL estimate unbiased under samples from π_old (TRL's
+        ``use_bias_correction_kl``, default False there too; DeepSeek-V3.2). With π_old = π_θ
+        (one on-policy update) ρ = 1 in value but the gradient gains the ρ term.
 
     Per-token loss: ``max(−A·ρ, −A·clip(ρ))`` (the negated PPO minimum), ρ = exp(logπ_θ − logπ_old).
     Metrics: ``pg_loss``, ``kl``, ``clip_frac``, ``ratio_mean``, ``approx_kl_old``, ``adv_mean``.
@@ -185,6 +190,8 @@ def grpo_loss(
     # kl_coef may be traced (e.g. a schedule); only a literal 0 skips the KL computation.
     if ref_logprobs is not None and not (isinstance(kl_coef, (int, float)) and kl_coef == 0.0):
         kl_tok = kl_penalty(lp, ref_logprobs, kl_estimator)
+        if kl_bias_correction:
+            kl_tok = kl_tok * ratio
         kl_val = aggregate_token_loss(kl_tok, m, loss_agg, max_response_len=max_response_len)
         loss = loss + kl_coef * kl_val
     sg = jax.lax.stop_gradient  # metrics are diagnostics only

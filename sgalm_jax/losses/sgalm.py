@@ -20,7 +20,6 @@ samples, with D's score as a constant weight: ``L_G = -mean_j sg(A_j) * log p_G(
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Optional, Sequence, Tuple, Union
 
@@ -43,8 +42,6 @@ from sgalm_jax.losses.registry import register_loss
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LabelTokenIds",
-    "resolve_label_token_ids",
     "gather_answer_logits",
     "discriminator_score_logits",
     "discriminator_prob",
@@ -61,77 +58,6 @@ GENERATOR_FORMS = ("score_function", "weighted_likelihood")
 ADVANTAGES = ("standardize", "center", "raw")
 
 TokenIds = Union[int, Sequence[int], Array]
-
-
-# ---------------------------------------------------------------------------------------------
-# Label tokens
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LabelTokenIds:
-    """Token ids that carry the discriminator's Real/Fake decision.
-
-    real_id / fake_id: the id whose logit is read (the word's first token if it is multi-token).
-    real_tokens / fake_tokens: the full tokenisation of each label (for logging and for building
-      supervised targets). multi_token: True if either label needed more than one token.
-    message: a human-readable note of what was resolved (logged at WARNING when multi_token).
-    """
-
-    real_id: int
-    fake_id: int
-    real_tokens: Tuple[int, ...]
-    fake_tokens: Tuple[int, ...]
-    multi_token: bool
-    message: str
-
-
-def _encode(tokenizer, text: str) -> list:
-    out = tokenizer.encode(text, add_special_tokens=False)
-    return list(out.ids) if hasattr(out, "ids") else list(out)
-
-
-def _strip_space_pieces(tokenizer, ids: list) -> list:
-    """Drop leading tokens that decode to pure whitespace (SentencePiece may emit a lone '▁')."""
-    while len(ids) > 1:
-        try:
-            piece = tokenizer.decode([ids[0]])
-        except Exception:  # pragma: no cover - tokenizer without decode: keep ids as they are
-            return ids
-        if piece.strip():
-            break
-        ids = ids[1:]
-    return ids
-
-
-def resolve_label_token_ids(
-    tokenizer, real: str = "Real", fake: str = "Fake", *, leading_space: bool = True
-) -> LabelTokenIds:
-    """Resolve the token ids of the Real/Fake labels from a tokenizer. [design]
-
-    ``leading_space`` must match how the discriminator prompt ends: a prompt ending in ``":"`` is
-    continued by ``" Real"`` (True); one ending in ``": "`` by ``"Real"`` (False). If a label is not a
-    single token, its first token is used and a warning says so; if the two labels share their
-    first token the discriminator cannot tell them apart, which is a ConfigError.
-    """
-    prefix = " " if leading_space else ""
-    r_ids = _strip_space_pieces(tokenizer, _encode(tokenizer, prefix + real))
-    f_ids = _strip_space_pieces(tokenizer, _encode(tokenizer, prefix + fake))
-    if not r_ids or not f_ids:
-        raise ConfigError(f"resolve_label_token_ids: label {real!r} or {fake!r} encodes to no tokens")
-    if r_ids[0] == f_ids[0]:
-        raise ConfigError(
-            f"resolve_label_token_ids: {prefix + real!r} and {prefix + fake!r} start with the same token "
-            f"{r_ids[0]}; choose labels whose first tokens differ"
-        )
-    multi = len(r_ids) > 1 or len(f_ids) > 1
-    msg = f"discriminator labels {prefix + real!r} -> {r_ids}, {prefix + fake!r} -> {f_ids}"
-    if multi:
-        msg += "; multi-token label(s): using each label's FIRST token for the score"
-        logger.warning(msg)
-    else:
-        logger.info(msg)
-    return LabelTokenIds(r_ids[0], f_ids[0], tuple(r_ids), tuple(f_ids), multi, msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,3 +269,18 @@ def balanced_gradient_sum(grads_d, grads_g, *, eps: float = 1e-8, scale: float =
     lam = jax.lax.stop_gradient(nd / (ng + eps)) * scale
     out = jax.tree_util.tree_map(lambda a, b: (as_f32(a) + lam * as_f32(b)).astype(a.dtype), grads_d, grads_g)
     return out, {"grad_norm_d": nd, "grad_norm_g": ng, "lambda_g": lam}
+
+
+def __getattr__(name: str):
+    # The Real/Fake label-token resolution is tokenizer work and now lives in
+    # sgalm_jax.training.tokenizer; these names keep old imports working (resolved on access only,
+    # so importing the losses never imports the training layer).
+    if name in ("LabelTokenIds", "resolve_label_token_ids"):
+        import warnings
+
+        from sgalm_jax.training import tokenizer
+
+        warnings.warn(f"sgalm_jax.losses.sgalm.{name} moved to sgalm_jax.training.tokenizer",
+                      DeprecationWarning, stacklevel=2)
+        return getattr(tokenizer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

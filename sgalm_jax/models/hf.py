@@ -37,6 +37,7 @@ from safetensors.numpy import save_file
 from sgalm_jax.errors import CheckpointError
 from sgalm_jax.fileio import apply_umask, describe_os_error, make_temp_dir
 from sgalm_jax.models.config import ModelConfig, dtype_name, resolve_dtype
+from sgalm_jax.models.lora import adapter_modules, merged_kernel
 from sgalm_jax.models.transformer import CausalLM
 from sgalm_jax.models.score import DEFAULT_HEAD_STD, ScoreModel, init_head_kernel
 
@@ -418,7 +419,9 @@ def save_pretrained(model: CausalLM, path: str | os.PathLike, *, tokenizer: Any 
                     dtype: Any = None, max_shard_size: int | str = "5GB") -> None:
     """Write ``config.json`` + safetensors (sharded past ``max_shard_size``) that transformers loads.
 
-    The files are written to a temporary directory beside ``path`` and moved into place only when
+    A model with LoRA adapters is written merged (each adapted kernel as ``W + scale * A @ B``,
+    computed on the host one tensor at a time); :func:`sgalm_jax.models.peft.save_peft_adapter`
+    writes the adapters alone. The files are written to a temporary directory beside ``path`` and moved into place only when
     complete, so an interrupted export never leaves a half-written checkpoint. ``dtype`` casts the
     weights (default: their own dtype). ``tokenizer`` is saved alongside when given.
     """
@@ -465,6 +468,19 @@ def _save(model: nnx.Module, path: str, table: dict[str, Entry], hf_config: dict
     out_dtype = resolve_dtype(dtype) if dtype is not None else config.param_dtype
     limit = parse_size(max_shard_size)
     flat = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+    # LoRA: adapted kernels are exported merged (the adapters' own leaves are not HF tensors).
+    scales = {tuple(int(p) if p.isdigit() else p for p in path.split("/")): m.scale
+              for path, m in adapter_modules(model).items()}
+
+    def host_value(our_path: tuple[Any, ...]) -> np.ndarray:
+        """One param on the host; an adapted kernel merged (stacked [L, ...] ones whole)."""
+        value = _host_array(flat[our_path].get_value())
+        module = our_path[:-1]
+        if our_path[-1] == "kernel" and module in scales:
+            value = merged_kernel(value, _host_array(flat[(*module, "lora", "a")].get_value()),
+                                  _host_array(flat[(*module, "lora", "b")].get_value()),
+                                  scales[module])
+        return value
 
     def tensor_shape(entry: Entry) -> tuple[int, ...]:
         shape = tuple(flat[entry.path].get_value().shape)
@@ -475,7 +491,7 @@ def _save(model: nnx.Module, path: str, table: dict[str, Entry], hf_config: dict
     def host_tensor(entry: Entry) -> np.ndarray:
         if host["path"] != entry.path:
             host["path"], host["array"] = entry.path, None
-            host["array"] = _host_array(flat[entry.path].get_value())
+            host["array"] = host_value(entry.path)
         array = host["array"] if entry.layer is None else host["array"][entry.layer]
         array = array.astype(out_dtype)
         return np.ascontiguousarray(array.T if entry.transpose else array)

@@ -44,6 +44,9 @@ LOGICAL_RULES: dict[str, Any] = {
     "norm": None,
     "head_dim": None,
     "layers": None,  # the leading axis of the decoder's stacked layer params and KV cache
+    # LoRA adapters' rank: over fsdp when the adapter's other axis is not (each mesh axis is used
+    # once per array), so A [in, r] and B [r, out] are sharded like the weights, not replicated.
+    "lora_rank": "fsdp",
 }
 
 

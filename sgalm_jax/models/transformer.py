@@ -20,6 +20,7 @@ from flax import nnx
 
 from sgalm_jax.models.attention import self_attention
 from sgalm_jax.models.config import ModelConfig
+from sgalm_jax.models.lora import layer_scope
 from sgalm_jax.models.partitioning import constrain
 from sgalm_jax.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
@@ -38,7 +39,8 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)`` with kernel [in, out] (the transpose of torch's weight)."""
+    """``y = x @ kernel (+ bias)`` with kernel [in, out] (the transpose of torch's weight), plus
+    ``lora(x)`` when :func:`sgalm_jax.models.lora.add_adapters` gave the layer an adapter."""
 
     def __init__(self, din: int, dout: int, *, axes: tuple[str, str], use_bias: bool,
                  config: ModelConfig, rngs: nnx.Rngs):
@@ -48,11 +50,15 @@ class Linear(nnx.Module):
             if use_bias else None
         )
         self.dtype = config.dtype
+        self.lora = nnx.data(None)  # a LoraAdapter (sgalm_jax.models.lora) on adapted layers
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        x = x.astype(self.dtype)
+        y = jnp.dot(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x)
         return y
 
 
@@ -369,8 +375,11 @@ class DecoderModel(nnx.Module):
         n = cfg.num_hidden_layers
         graphdef, params = nnx.split(self.layers)
 
-        def layer_step(p, x, kv):
-            return nnx.merge(graphdef, p)(x, cos, sin, mask, segments, kv)
+        def layer_step(i, p, x, kv):
+            # LoRA dropout masks differ per layer: the (traced, under scan) index is folded into
+            # the dropout key (a no-op without dropout).
+            with layer_scope(i):
+                return nnx.merge(graphdef, p)(x, cos, sin, mask, segments, kv)
 
         if cfg.remat != "none" and cache is None:
             layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[cfg.remat],
@@ -381,7 +390,7 @@ class DecoderModel(nnx.Module):
             ks, vs = [], []
             for i in range(n):
                 p = jax.tree.map(lambda a, i=i: a[i], params)
-                x, kv = layer_step(p, x, _LayerKV(cache.k[i], cache.v[i], None, index))
+                x, kv = layer_step(i, p, x, _LayerKV(cache.k[i], cache.v[i], None, index))
                 ks.append(kv.k)
                 vs.append(kv.v)
             return x, (tuple(ks), tuple(vs))
@@ -391,22 +400,23 @@ class DecoderModel(nnx.Module):
             for i in range(n):
                 p = jax.tree.map(lambda a, i=i: a[i], params)
                 kv = None if cache is None else _LayerKV(k_all, v_all, i, index)
-                x, kv = layer_step(p, x, kv)
+                x, kv = layer_step(i, p, x, kv)
                 if kv is not None:
                     k_all, v_all = kv.k, kv.v
             return x, (None if cache is None else (k_all, v_all))
 
         if cache is None:
-            def body(x, p):
-                return layer_step(p, x, None)[0], None
+            def body(x, xs):
+                i, p = xs
+                return layer_step(i, p, x, None)[0], None
 
-            x, _ = jax.lax.scan(body, x, params)
+            x, _ = jax.lax.scan(body, x, (jnp.arange(n), params))
             return x, None
 
         def body_cached(carry, xs):
             x, k_all, v_all = carry
             i, p = xs
-            x, kv = layer_step(p, x, _LayerKV(k_all, v_all, i, index))
+            x, kv = layer_step(i, p, x, _LayerKV(k_all, v_all, i, index))
             return (x, kv.k, kv.v), None
 
         (x, k_all, v_all), _ = jax.lax.scan(body_cached, (x, cache.k, cache.v),

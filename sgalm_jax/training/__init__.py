@@ -10,6 +10,11 @@ Typical use (what ``sgalm_jax.algorithms.sft`` does)::
     step = make_train_step(model_loss(graphdef, my_loss), tx, mesh=mesh,
                            state_shardings=shardings, learning_rate=schedule)
     state, metrics = step(state, batch)
+
+Algorithms with several models (a generator and a discriminator, a policy and its KL reference)
+declare them as :class:`Roles` (``training/roles.py``): named learners and frozen models, their
+train steps, and one checkpoint for all of them. With ``lora.enabled`` the roles are LoRA adapter
+sets on one shared frozen base (``training/lora_setup.py``, docs/lora.md).
 """
 
 from sgalm_jax.training.checkpoint import Checkpointer, PreemptionGuard, inject_fault
@@ -24,6 +29,8 @@ from sgalm_jax.training.optimizers import (
     torch_sgd,
     trainable_mask,
 )
+from sgalm_jax.training.roles import Role, Roles, copy_params
+from sgalm_jax.training import lora_setup  # noqa: F401  (registers the `lora` config section)
 from sgalm_jax.training.state import (
     TrainState,
     abstract_like,
@@ -42,11 +49,14 @@ __all__ = [
     "FiniteGuard",
     "MetricsWriter",
     "PreemptionGuard",
+    "Role",
+    "Roles",
     "StepTimer",
     "TrainState",
     "WorkdirLock",
     "abstract_like",
     "check_workdir",
+    "copy_params",
     "create_train_state",
     "freeze_params",
     "inject_fault",

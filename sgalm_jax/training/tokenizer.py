@@ -1,4 +1,5 @@
-"""Tokenizers for training runs: the checkpoint's own, or a tiny byte-level BPE built offline.
+"""Tokenizers for training runs: the checkpoint's own, or a tiny byte-level BPE built offline; and
+the token ids of a prompted discriminator's Real/Fake label words (:func:`resolve_label_token_ids`).
 
 ``tokenizer.path = 'builtin:tiny'`` builds a small byte-level BPE (ChatML special tokens, a ChatML
 chat template) from a fixed corpus, with no download: the tiny random models of tests and the demo
@@ -7,10 +8,14 @@ use it. Building is deterministic; a run saves it to ``workdir/tokenizer`` and r
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from typing import Any
 
 from sgalm_jax.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 BUILTIN_TINY = "builtin:tiny"
 
@@ -107,3 +112,74 @@ def eos_token_id(tokenizer: Any, model_eos: tuple[int, ...] = ()) -> int:
 def pad_token_id(tokenizer: Any, fallback: int) -> int:
     """The padding id (any id works: padded positions are masked); the tokenizer's or ``fallback``."""
     return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else int(fallback)
+
+
+# ---------------------------------------------------------------------------------------------
+# Label tokens: the words whose next-token logits a prompted LM discriminator (SGALM) reads
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelTokenIds:
+    """Token ids that carry the discriminator's Real/Fake decision.
+
+    real_id / fake_id: the id whose logit is read (the word's first token if it is multi-token).
+    real_tokens / fake_tokens: the full tokenisation of each label (for logging and for building
+      supervised targets). multi_token: True if either label needed more than one token.
+    message: a human-readable note of what was resolved (logged at WARNING when multi_token).
+    """
+
+    real_id: int
+    fake_id: int
+    real_tokens: tuple[int, ...]
+    fake_tokens: tuple[int, ...]
+    multi_token: bool
+    message: str
+
+
+def _encode(tokenizer, text: str) -> list:
+    out = tokenizer.encode(text, add_special_tokens=False)
+    return list(out.ids) if hasattr(out, "ids") else list(out)
+
+
+def _strip_space_pieces(tokenizer, ids: list) -> list:
+    """Drop leading tokens that decode to pure whitespace (SentencePiece may emit a lone '▁')."""
+    while len(ids) > 1:
+        try:
+            piece = tokenizer.decode([ids[0]])
+        except Exception:  # pragma: no cover - tokenizer without decode: keep ids as they are
+            return ids
+        if piece.strip():
+            break
+        ids = ids[1:]
+    return ids
+
+
+def resolve_label_token_ids(
+    tokenizer, real: str = "Real", fake: str = "Fake", *, leading_space: bool = True
+) -> LabelTokenIds:
+    """Resolve the token ids of the Real/Fake labels from a tokenizer. [design]
+
+    ``leading_space`` must match how the discriminator prompt ends: a prompt ending in ``":"`` is
+    continued by ``" Real"`` (True); one ending in ``": "`` by ``"Real"`` (False). If a label is not a
+    single token, its first token is used and a warning says so; if the two labels share their
+    first token the discriminator cannot tell them apart, which is a ConfigError.
+    """
+    prefix = " " if leading_space else ""
+    r_ids = _strip_space_pieces(tokenizer, _encode(tokenizer, prefix + real))
+    f_ids = _strip_space_pieces(tokenizer, _encode(tokenizer, prefix + fake))
+    if not r_ids or not f_ids:
+        raise ConfigError(f"resolve_label_token_ids: label {real!r} or {fake!r} encodes to no tokens")
+    if r_ids[0] == f_ids[0]:
+        raise ConfigError(
+            f"resolve_label_token_ids: {prefix + real!r} and {prefix + fake!r} start with the same token "
+            f"{r_ids[0]}; choose labels whose first tokens differ"
+        )
+    multi = len(r_ids) > 1 or len(f_ids) > 1
+    msg = f"discriminator labels {prefix + real!r} -> {r_ids}, {prefix + fake!r} -> {f_ids}"
+    if multi:
+        msg += "; multi-token label(s): using each label's FIRST token for the score"
+        log.warning(msg)
+    else:
+        log.info(msg)
+    return LabelTokenIds(r_ids[0], f_ids[0], tuple(r_ids), tuple(f_ids), multi, msg)

@@ -140,7 +140,9 @@ def test_mbpp_eval_oracle_and_sampling(shared_data, tmp_path):
     gen, _ = _oracle_generate(test, task.format_prompt, lambda e: e.answer + "\n[DONE]\nmore text")
     res = evaluate_mbpp(test, gen, task=task, out_dir=tmp_path, progress=False)
     assert res.metrics["pass@1"] == 1.0 and res.metrics["sandbox_status"] == {"passed": 8}
-    assert (tmp_path / "mbpp_summary.json").exists()
+    summary = json.loads((tmp_path / "mbpp_summary.json").read_text())
+    assert summary["sandbox_isolation"] == task.sandbox().isolation and summary["sandbox_isolation"] in ("bwrap", "guarded")
+    assert summary["sandbox_isolation_detail"] and all(d.startswith(summary["sandbox_isolation"]) for d in summary["sandbox_isolation_detail"])
     # 3 samples per prompt: the 1st right, the others wrong -> pass@1 = 1/3, pass@3 = 1
     counter = {}
 

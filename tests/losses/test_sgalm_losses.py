@@ -1,9 +1,5 @@
 """SGALM: D(s) score, BCE discriminator loss, score-function generator loss and its detachment."""
 
-import logging
-import os
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,12 +13,7 @@ from sgalm_jax.losses import (
     discriminator_score_logits,
     gather_answer_logits,
     generator_loss,
-    resolve_label_token_ids,
 )
-
-# ../shared/data/tokenizers next to the checkout, as in tests/conftest.py
-TOKENIZERS = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "tokenizers")
-
 
 def test_d_score_matches_hand_computation():
     rng = np.random.default_rng(0)
@@ -41,39 +32,6 @@ def test_d_score_matches_hand_computation():
     seq = jnp.asarray(rng.normal(size=(2, 5, 20)), jnp.float32)
     np.testing.assert_array_equal(gather_answer_logits(seq, jnp.asarray([2, 4])), np.stack([seq[0, 2], seq[1, 4]]))
     np.testing.assert_array_equal(gather_answer_logits(seq), seq[:, -1])
-
-
-class _CharTokenizer:
-    """Character-level stand-in: every label is multi-token."""
-
-    def encode(self, text, add_special_tokens=False):
-        return [ord(ch) for ch in text]
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-
-def test_resolve_label_ids_multi_token_and_collision(caplog):
-    with caplog.at_level(logging.WARNING):
-        ids = resolve_label_token_ids(_CharTokenizer(), "Real", "Fake", leading_space=True)
-    assert ids.multi_token and ids.real_id == ord("R") and ids.fake_id == ord("F")
-    assert ids.real_tokens == tuple(map(ord, "Real"))  # the lone leading-space piece is dropped
-    assert "multi-token" in caplog.text
-    with pytest.raises(ConfigError):
-        resolve_label_token_ids(_CharTokenizer(), "Real", "Rare")
-
-
-@pytest.mark.skipif(not os.path.isfile(f"{TOKENIZERS}/qwen2.5/tokenizer.json"), reason="shared tokenizers not present")
-def test_resolve_label_ids_real_tokenizers():
-    tokenizers = pytest.importorskip("tokenizers")
-    # the raw `tokenizers` object loads in well under a second (AutoTokenizer takes seconds);
-    # resolve_label_token_ids accepts both (encode(...) -> ids or Encoding, decode(ids) -> str).
-    tok = tokenizers.Tokenizer.from_file(f"{TOKENIZERS}/qwen2.5/tokenizer.json")
-    for space, (real, fake) in ((True, (8800, 36965)), (False, (12768, 52317))):
-        ids = resolve_label_token_ids(tok, leading_space=space)
-        assert not ids.multi_token
-        assert (ids.real_tokens, ids.fake_tokens) == ((real,), (fake,))
-        assert (ids.real_id, ids.fake_id) == (real, fake)
 
 
 def test_discriminator_loss_values_and_metrics():
