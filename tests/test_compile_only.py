@@ -20,6 +20,7 @@ from sgalm_jax.errors import ConfigError
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SGALM_TINY = os.path.join(REPO, "configs", "sgalm_tiny.py")
 SFT_TINY = os.path.join(REPO, "configs", "sft_tiny.py")
+GRPO_TINY = os.path.join(REPO, "configs", "grpo_tiny.py")
 
 
 def test_targets_parse():
@@ -46,6 +47,23 @@ def test_sgalm_programs_compile_for_cpu_devices(capsys):
                  "sampler decode (16 x 256 prompt, 16 rows x 288 cache)"):
         assert name in out, out
     assert not os.path.exists("/nonexistent/w")
+
+
+def test_grpo_lora_programs_compile_from_the_runs_roles(capsys):
+    """GRPO with LoRA: the run's own roles built abstract (a bf16 base, adapters as the policy,
+    the reference a view of the base), so the step takes the base as an argument and holds only
+    the adapters' optimizer state; the reference pass is the base's own graph."""
+    config = cli.parse_config(["m", f"--config={GRPO_TINY}", "--config.lora.enabled=true",
+                               "--config.lora.base_dtype=bfloat16"])
+    reports = {r.name: r for r in run_compile_only(config, get_algorithm("grpo"),
+                                                   parse_target("cpu-8"))}
+    assert [n.split(" (")[0] for n in reports] == ["GRPO step", "old log-probs",
+                                                   "reference log-probs", "sampler prefill",
+                                                   "sampler decode"], sorted(reports)
+    step = reports["GRPO step (8 x 256)"]
+    # donated: exactly the adapters' train state, which is all the step outputs (+ metrics)
+    assert 0 < step.aliased <= step.outputs and step.resident == 0
+    assert "GRPO step" in capsys.readouterr().out
 
 
 def test_a_program_that_does_not_fit_fails_naming_it(capsys):

@@ -83,3 +83,16 @@ def rows_fields(rows: int, width: int, *, prefix: str = "", loss_mask: bool = Fa
     if loss_mask:
         out["loss_mask"] = ((rows, width), jnp.float32)
     return {prefix + k: v for k, v in out.items()}
+
+
+def resident(roles: Any, args: Any) -> list[Any]:
+    """The persistent state of ``roles`` (a :class:`~sgalm_jax.training.roles.Roles` built with
+    ``build_abstract``: learners' states, frozen params) that is not among a program's ``args``:
+    what stays allocated on the devices while that program runs."""
+    held = {id(x) for x in jax.tree.leaves(args)}
+    out = []
+    for role in roles:
+        tree = role.state if role.is_learner else role.frozen_params
+        out += [x for x in jax.tree.leaves(tree) if id(x) not in held]
+    return out
+
