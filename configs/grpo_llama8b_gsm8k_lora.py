@@ -31,5 +31,6 @@ from sgalm_jax.config import load_config_file
 def get_config():
     config = load_config_file("grpo_qwen3b_gsm8k_lora.py", __file__)
     config.model.path = ""  # required: Llama-3.1-8B-Instruct in HF format
+    config.model.architecture = "llama-3.1-8b"  # its shape, for --compile-only without it
     config.mesh.fsdp = -1  # 1 on one GPU, 8 on a v5e-8
     return config

@@ -36,6 +36,7 @@ def get_config():
     config = base_config()
     config.algorithm = "grpo"
     config.model.path = ""  # required: Qwen2.5-3B-Instruct in HF format
+    config.model.architecture = "qwen2.5-3b"  # its shape, for --compile-only without it
     config.model.dtype = "bfloat16"  # compute
     config.model.param_dtype = "float32"  # master weights
     config.model.remat = "full"
