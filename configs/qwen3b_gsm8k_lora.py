@@ -36,8 +36,7 @@ GiB per chip, peak = arguments + outputs - donated + temporaries + resident stat
 | sampler decode (64 rows, cache 2560) | 1.44 | 1.88 | 0.01 | 3.33 | 5.86 |
 
 The largest program uses 59% of a chip. The computed table above underestimates the D step
-(0.76 + 5.02 est. against 8.93 compiled): its activation formula leaves out the recomputed layer's
-working set and the embedding gather.
+(0.76 + 5.02 estimated against 8.93 compiled): XLA's temporaries exceed the activation formula.
 """
 
 from sgalm_jax.config import load_config_file
