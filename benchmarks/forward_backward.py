@@ -134,15 +134,12 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5, help="timed rounds (median reported)")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU only: limit both sides to N threads (1 = single-threaded)")
+                   help="CPU only: pin the process to N cores (both sides; torch gets N threads)")
     p.add_argument("--no-torch", action="store_true", help="only time our model")
     args = p.parse_args(argv)
 
-    if args.threads:  # before the XLA backend starts
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                                   " --xla_cpu_multi_thread_eigen="
-                                   f"{'false' if args.threads == 1 else 'true'} "
-                                   f"intra_op_parallelism_threads={args.threads}")
+    if args.threads:  # CPU affinity, not XLA_FLAGS (see benchmarks/train_step.py --threads)
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:args.threads])
     import torch
 
     if args.threads:

@@ -121,17 +121,20 @@ def bench_torch(args, batch_np, export_dir):
     return step, {"first_loss": first_loss, "threads": torch.get_num_threads()}
 
 
-def time_interleaved(fns: dict, rounds: int, per_round: int) -> dict:
+def time_interleaved(fns: dict, rounds: int, per_round: int) -> tuple[dict, dict]:
     """Per-step times of each fn, alternating fns every ``per_round`` steps (so a load spike on a
-    shared machine hits both sides alike)."""
+    shared machine hits both sides alike), and each side's CPU utilisation: process CPU seconds
+    per wall second while it ran (2.0 = both of two cores busy)."""
     times = {name: [] for name in fns}
+    cpu = {name: 0.0 for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             for _ in range(per_round):
-                t = time.perf_counter()
+                c, t = time.process_time(), time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
-    return times
+                cpu[name] += time.process_time() - c
+    return times, {name: cpu[name] / sum(times[name]) for name in fns}
 
 
 def main(argv=None):
@@ -151,15 +154,17 @@ def main(argv=None):
                    help="SFT loss from hidden states in chunks of this many positions (never "
                         "materialising [B, T, vocab] logits); 0 = full logits")
     p.add_argument("--threads", type=int, default=0,
-                   help="CPU only: limit both sides to N threads (1 = single-threaded XLA and "
-                        "torch, a comparison less disturbed by other load); 0 = defaults")
+                   help="CPU only: pin the process to N cores (both sides) and give torch N "
+                        "threads; 0 = every core")
     p.add_argument("--no-torch", dest="torch", action="store_false",
                    help="skip the PyTorch side (accelerator runs: only our MFU)")
     args = p.parse_args(argv)
-    if args.threads:  # before the XLA backend starts
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen="
-                                   f"{'false' if args.threads == 1 else 'true'} "
-                                   f"intra_op_parallelism_threads={args.threads}")
+    if args.threads:  # before the XLA backend starts: XLA sizes its thread pools from this
+        # CPU affinity, not XLA_FLAGS: with jax 0.10's CPU runtime --xla_cpu_multi_thread_eigen=false
+        # leaves the step multi-threaded (its intra-op pool still runs dots on every core), which
+        # is why an earlier "one thread" run of this script measured the same as two threads.
+        cores = sorted(os.sched_getaffinity(0))[:args.threads]
+        os.sched_setaffinity(0, cores)
         import torch
 
         torch.set_num_threads(args.threads)
@@ -170,7 +175,8 @@ def main(argv=None):
     batch = make_batch(args, cfg.vocab_size)
     tokens = args.batch * args.seq
     device = jax.devices()[0]
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; jax {jax.__version__} on "
+    print(f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} "
+          f"CPUs, load average {os.getloadavg()[0]:.1f}; jax {jax.__version__} on "
           f"{jax.device_count()} x {device.device_kind} ({jax.default_backend()})")
     print(f"model: {args.preset}, {cfg.num_params() / 1e6:.1f}M params, dtype {args.dtype} "
           f"(params {args.param_dtype}), remat {args.remat}; batch {args.batch} x {args.seq} = "
@@ -183,7 +189,7 @@ def main(argv=None):
         if args.torch:
             fns["torch"], info["torch"] = bench_torch(args, batch, export_dir)
         per_round = max(args.steps // args.rounds, 1)
-        times = time_interleaved(fns, args.rounds, per_round)
+        times, util = time_interleaved(fns, args.rounds, per_round)
 
     tps = {}
     for name, ts in times.items():
@@ -193,7 +199,7 @@ def main(argv=None):
                  else f"{info[name]['threads']} threads, ")
         print(f"{name:5s}: first loss {info[name]['first_loss']:.5f}, {extra}step median "
               f"{med * 1e3:.1f} ms (best {best * 1e3:.1f}), {tps[name][0]:,.0f} tokens/s "
-              f"(best {tps[name][1]:,.0f}) over {len(ts)} steps")
+              f"(best {tps[name][1]:,.0f}) over {len(ts)} steps; {util[name]:.2f} cores busy")
     peak = peak_flops_per_device(device.device_kind)
     util = mfu(info["ours"]["params"], tps["ours"][0], jax.device_count(), peak)
     if util is not None:

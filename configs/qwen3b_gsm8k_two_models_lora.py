@@ -23,6 +23,21 @@ activations and KV cache estimated):
 The base is held once (5.75 in bf16); each adapter set is 29.9M params with fp32 weights,
 gradients and RMSProp state. Two full models keep 2 x (weights + gradients + RMSProp): 69 GiB with
 fp32 masters, 34.5 with the bf16 masters configs/qwen3b_gsm8k_two_models.py falls back to.
+
+Compiled for v5e-8 (``--compile-only=v5e-8``: every program of the run, the roles built abstract;
+GiB per chip, peak = arguments + outputs - donated + temporaries + resident state, here the other
+adapter set and its RMSProp state):
+
+| program | args | temp | resid | peak |
+|---|---:|---:|---:|---:|
+| D step (64 x 2048) | 0.75 | 8.19 | 0.03 | 8.96 |
+| G step (32 x 2048; D's model is an argument) | 1.48 | 4.41 | 0.01 | 5.90 |
+| D scorer (64 x 2048) | 0.73 | 3.10 | 0.04 | 3.87 |
+| sampler prefill (64 prompts x 2048, cache 2560) | 0.73 | 8.07 | 0.04 | 9.54 |
+| sampler decode (64 rows, cache 2560) | 1.44 | 1.88 | 0.04 | 3.36 |
+
+The largest program uses 60% of a chip; the fp32 two-model full run's D step does not fit a v5e
+chip (16.33 GiB, docs/benchmarks.md).
 """
 
 from sgalm_jax.config import load_config_file

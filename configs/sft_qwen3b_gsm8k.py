@@ -9,6 +9,9 @@ Set the checkpoint and data locations on the command line, e.g. on a TPU v5p-8 /
         --config.workdir=runs/sft_qwen3b_gsm8k
 
 3 epochs at batch 64: 7473 // 64 = 116 steps per epoch.
+
+Compiled for a TPU v5e-8 (``--compile-only=v5e-8``; GiB per chip): the train step (64 x 512) takes
+4.31 (fp32 weights + AdamW state) + 5.24 temporaries = 9.55 GiB peak of 16.
 """
 
 from sgalm_jax.algorithms import base_config
@@ -18,6 +21,7 @@ def get_config():
     config = base_config()
     config.algorithm = "sft"
     config.model.path = ""  # required: an HF directory of Qwen2.5-3B(-Instruct)
+    config.model.architecture = "qwen2.5-3b"  # its shape, for --compile-only without it
     config.model.dtype = "bfloat16"  # compute
     config.model.param_dtype = "float32"  # master weights
     config.model.remat = "full"

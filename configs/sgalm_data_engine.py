@@ -28,6 +28,7 @@ def get_config():
     config = base_config()
     config.algorithm = "data_engine"
     config.model.path = ""  # the base model (Self-Instruct's generator, and SGALM's if no run)
+    config.model.architecture = "qwen2.5-3b"  # its shape, for --compile-only without it
     config.model.dtype = "bfloat16"
     config.model.param_dtype = "float32"  # also the student's master weights
     config.data.task = "gsm8k"

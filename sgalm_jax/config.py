@@ -67,6 +67,11 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
                        intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
                        num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6,
                        tie_word_embeddings=True),
+    # Mistral-7B-v0.1, the base of zephyr-7b-beta (configs/spin_zephyr7b_ultrachat.py).
+    "mistral-7b": dict(model_type="mistral", vocab_size=32000, hidden_size=4096,
+                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, max_position_embeddings=32768, rope_theta=10000.0,
+                       sliding_window=4096, tie_word_embeddings=False),
     "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
                        intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
                        num_key_value_heads=4, max_position_embeddings=32768, rope_theta=1e6,
@@ -84,6 +89,7 @@ OPTIMIZERS = ("adamw", "rmsprop", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
 DTYPES = ("float32", "bfloat16", "fp32", "bf16")
 REMAT = ("none", "full", "dots", "dots_no_batch")
+ATTENTION = ("auto", "xla", "splash", "cudnn")
 SFT_NORMALIZE = ("token", "sequence", "sequence_sum", "sum")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 SAMPLING_ENGINES = ("auto", "static", "continuous")
@@ -108,6 +114,14 @@ _SCHEMA: dict[str, Any] = {
         "param_dtype": ("float32", "storage dtype of the trained (master) weights"),
         "remat": ("none", "activation rematerialisation per layer: none, full, dots, "
                           "dots_no_batch"),
+        "scan_layers": (True, "run the decoder layers as one lax.scan over stacked weights "
+                              "(compile time independent of depth); false = an unrolled loop "
+                              "over the same weights"),
+        "attention": ("auto", "self-attention kernel: auto (TPU splash, GPU cuDNN, CPU XLA), "
+                              "xla, splash, cudnn"),
+        "architecture": ("", "the preset architecture (qwen2.5-3b, mistral-7b, ...) that "
+                             "model.path holds: --compile-only compiles with it when neither "
+                             "model.path nor model.init is given; ignored otherwise"),
     },
     "tokenizer": {
         "path": ("", "tokenizer directory; '' = model.path; 'builtin:tiny' = a small byte-level "
@@ -525,6 +539,7 @@ def validate_config(config: Any) -> None:
     if config.checkpoint.export_dtype:
         _choice(config, "checkpoint.export_dtype", DTYPES)
     _choice(config, "model.remat", REMAT)
+    _choice(config, "model.attention", ATTENTION)
     _choice(config, "optimizer.name", OPTIMIZERS)
     _choice(config, "optimizer.schedule", SCHEDULES)
     _choice(config, "sft.normalize", SFT_NORMALIZE)
@@ -543,6 +558,9 @@ def validate_config(config: Any) -> None:
         if not os.path.exists(config.model.init):
             raise ConfigError(f"model.init: {config.model.init!r} is neither a preset "
                               f"({sorted(MODEL_PRESETS)}) nor an existing config.json path")
+    if config.model.architecture and config.model.architecture not in MODEL_PRESETS:
+        raise ConfigError(f"model.architecture: {config.model.architecture!r} is not a preset "
+                          f"({sorted(MODEL_PRESETS)})")
     if config.model.hf_config and not config.model.init:
         raise ConfigError("model.hf_config: only applies with model.init (random init)")
 

@@ -14,7 +14,10 @@ disk, a corrupt checkpoint. Before the message is printed, every checkpointer (O
 metric writer still open is closed. The run directory is checked and locked
 (:mod:`sgalm_jax.training.workdir`) for the run's lifetime, so two runs never share one.
 
-Other flags: ``--describe`` prints every config key with its default and description.
+Other flags: ``--describe`` prints every config key with its default and description;
+``--compile-only=TARGET`` (e.g. ``v5e-8``, ``cpu-8``) compiles every program of the config for that
+target without its hardware and prints each one's memory per device, failing (status 1) when one
+does not fit (:mod:`sgalm_jax.compile_only`); no data, checkpoint or run directory is touched.
 """
 
 from __future__ import annotations
@@ -108,7 +111,7 @@ def parse_config(argv: Sequence[str]) -> Any:
     argv = list(argv)
     for key in _override_keys(argv[1:]):
         cfg.check_key(key)
-    known_prefixes = ("--config", "--describe", "--help", "-h")
+    known_prefixes = ("--config", "--describe", "--help", "-h", "--compile-only")
     for arg in argv[1:]:
         if arg.startswith("-") and not arg.startswith(known_prefixes):
             raise ConfigError(f"{arg.split('=')[0]}: unknown flag (use --config=FILE and "
@@ -128,6 +131,7 @@ def parse_config(argv: Sequence[str]) -> Any:
             raise ConfigError(f"--config: config file {file_arg!r} not found")
         loaded = _load_config_file(file_arg)  # its own failures, reported as the file's
 
+    argv = [a for i, a in enumerate(argv) if not (i and a.startswith("--compile-only"))]
     fv = flags.FlagValues()
     flags.DEFINE_boolean("describe", False, "print every config key and exit", flag_values=fv)
     overrides = _override_keys(argv[1:])
@@ -151,6 +155,37 @@ def parse_config(argv: Sequence[str]) -> Any:
         print(cfg.describe())
         raise SystemExit(0)
     return config
+
+
+def compile_only_target(argv: Sequence[str]) -> str | None:
+    """The TARGET of ``--compile-only=TARGET`` in ``argv`` (None without the flag)."""
+    for arg in argv[1:]:
+        if arg == "--compile-only" or arg.startswith("--compile-only="):
+            target = arg.partition("=")[2]
+            if not target:
+                raise ConfigError("--compile-only: give a target, e.g. --compile-only=v5e-8")
+            return target
+    return None
+
+
+def compile_only(argv: Sequence[str], target_name: str) -> Any:
+    """Parse and validate the config, then compile its algorithm's programs for the target."""
+    from sgalm_jax import compile_only as co
+    from sgalm_jax import config as cfg
+    from sgalm_jax.algorithms import get_algorithm
+
+    target = co.parse_target(target_name)
+    co.prepare_environment(target)  # before JAX starts its backend
+    config = parse_config(argv)
+    cfg.validate_config(config)
+    if not config.model.path and not config.model.init:
+        if not config.model.architecture:
+            raise ConfigError("model.architecture: --compile-only needs the model's shape: set "
+                              "model.path, model.init or model.architecture (e.g. qwen2.5-3b)")
+        config.unlock()
+        config.model.init = config.model.architecture
+        config.lock()
+    return co.run_compile_only(config, get_algorithm(config.algorithm), target)
 
 
 def resolve_workdir(config: Any) -> str:
@@ -228,6 +263,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sgalm_jax.fileio import describe_os_error
 
     try:
+        target = compile_only_target(argv)
+        if target is not None:
+            compile_only(argv, target)
+            return 0
         config, algorithm, workdir = prepare(argv)
         run_in_workdir(config, algorithm, workdir)
         return 0

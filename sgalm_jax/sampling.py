@@ -46,13 +46,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.models.config import ModelConfig, resolve_dtype
 from sgalm_jax.models.transformer import CausalLM, KVCache, positions_from_mask
-from sgalm_jax.sharding import (
-    BATCH_AXES,
-    LOGICAL_RULES,
-    data_parallel_size,
-    logical_to_spec,
-    to_host,
-)
+from sgalm_jax.sharding import (BATCH_AXES, LOGICAL_RULES, data_parallel_size, jit_on_mesh,
+                                logical_to_spec, to_host)
 
 log = logging.getLogger(__name__)
 
@@ -267,10 +262,12 @@ def _constrain(x: jax.Array, mesh: Mesh | None, spec: P) -> jax.Array:
 
 
 def _cache_spec(config: ModelConfig, mesh: Mesh | None, batch: int, length: int) -> P:
+    """Sharding of the stacked KV cache [L, B, kv_heads, S, head_dim] (the KVCache layout)."""
     if mesh is None:
         return P()
-    shape = (batch, config.num_key_value_heads, length, config.head_dim)  # the KVCache layout
-    return logical_to_spec(("batch", "kv_heads", "length", "head_dim"), shape, mesh, LOGICAL_RULES)
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)
+    return logical_to_spec(("layers", "batch", "kv_heads", "length", "head_dim"), shape, mesh,
+                           LOGICAL_RULES)
 
 
 def _stopped(tokens: jax.Array, stop_ids: tuple[int, ...]) -> jax.Array:
@@ -289,16 +286,17 @@ def _prefill(graphdef, config: ModelConfig, prog: _Program, mesh: Mesh | None,
     batch_spec = P(BATCH_AXES) if mesh is not None else P()
     cache = KVCache.init(config, b, cache_len, prog.cache_dtype)
     cache_spec = _cache_spec(config, mesh, b, cache_len)
-    cache = dataclasses.replace(cache, k=tuple(_constrain(x, mesh, cache_spec) for x in cache.k),
-                                v=tuple(_constrain(x, mesh, cache_spec) for x in cache.v))
+    cache = dataclasses.replace(cache, k=_constrain(cache.k, mesh, cache_spec),
+                                v=_constrain(cache.v, mesh, cache_spec))
     hidden, cache = model.model(ids, mask, positions_from_mask(mask), cache)
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0]  # left-padded: last slot is real
 
     if n > 1:  # one prefill per prompt, then n copies of its cache and logits
         rep = functools.partial(jnp.repeat, repeats=n, axis=0, total_repeat_length=rows)
+        rep_kv = functools.partial(jnp.repeat, repeats=n, axis=1, total_repeat_length=rows)
         spec = _cache_spec(config, mesh, rows, cache_len)
-        cache = KVCache(k=tuple(_constrain(rep(x), mesh, spec) for x in cache.k),
-                        v=tuple(_constrain(rep(x), mesh, spec) for x in cache.v),
+        cache = KVCache(k=_constrain(rep_kv(cache.k), mesh, spec),
+                        v=_constrain(rep_kv(cache.v), mesh, spec),
                         valid=rep(cache.valid), index=cache.index)
         logits, mask = rep(logits), rep(mask)
     logits = _constrain(logits, mesh, batch_spec)
@@ -513,20 +511,20 @@ class Sampler:
         """The (batch, prompt length, num_samples, max_new_tokens) buckets seen so far."""
         return sorted({k[:4] for k in self._programs})
 
-    def _resolve_cache_dtype(self) -> Any:
+    def _resolve_cache_dtype(self, platform: str | None = None) -> Any:
         if self.cache_dtype is not None:
             return self.cache_dtype
-        return self.config.dtype if jax.default_backend() == "cpu" else jnp.bfloat16
+        return self.config.dtype if (platform or jax.default_backend()) == "cpu" else jnp.bfloat16
 
     def _get_programs(self, prog: _Program, mesh: Mesh | None):
         key = (prog.batch, prog.prompt_len, prog.num_samples, prog.max_new, prog.mode,
                prog.stop_ids, prog.pad_id, jnp.dtype(prog.cache_dtype).name, prog.head_nn, mesh)
         if key not in self._programs:
             opts = self.compiler_options
-            prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh),
-                              compiler_options=opts)
-            decode = jax.jit(functools.partial(_decode, self.graphdef, prog), donate_argnums=(1,),
-                             compiler_options=opts)
+            prefill = jit_on_mesh(functools.partial(_prefill, self.graphdef, self.config, prog,
+                                                    mesh), mesh, compiler_options=opts)
+            decode = jit_on_mesh(functools.partial(_decode, self.graphdef, prog), mesh,
+                                 donate_argnums=(1,), compiler_options=opts)
             self._programs[key] = (prefill, decode)
         return self._programs[key]
 
@@ -621,21 +619,66 @@ class Sampler:
             self._local_mesh = local_mesh(self.local_mesh_shape)
         return self._local_mesh
 
+    def _program(self, rows: int, longest: int, dp: int, mode: _Mode, stop: tuple[int, ...],
+                 max_new: int, num_samples: int, mesh: Mesh | None = None) -> _Program:
+        """The static program of a chunk of ``rows`` prompts whose longest has ``longest`` tokens
+        (for the platform of ``mesh``'s devices, else the default backend)."""
+        platform = mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+        return _Program(batch=bucket_size(rows, self.min_batch_bucket, multiple=dp),
+                        prompt_len=bucket_size(longest, self.min_prompt_bucket),
+                        num_samples=num_samples, max_new=max_new, mode=mode, stop_ids=stop,
+                        pad_id=self.pad_token_id, cache_dtype=self._resolve_cache_dtype(platform),
+                        head_nn=self.config.tie_word_embeddings and platform == "cpu")
+
+    def abstract_programs(self, state: Any, *, rows: int, prompt_tokens: int,
+                          max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
+                          top_k: int | None = None, top_p: float | None = None,
+                          mesh: Mesh | None = None) -> list[tuple[str, Any, Any]]:
+        """``[(name, jitted, args)]`` of the prefill and decode programs that a call with ``rows``
+        prompts of up to ``prompt_tokens`` tokens would run, for ahead-of-time compilation
+        (``sgalm_jax.compile_only``). ``state`` may be abstract (``jax.ShapeDtypeStruct`` with
+        shardings). The decode's ``args`` is a function of the compiled prefill (its output
+        shardings place the decode state)."""
+        mesh = mesh if mesh is not None else self.mesh
+        dp = data_parallel_size(mesh) if mesh is not None else 1
+        mode = _make_mode(float(temperature), top_k, top_p)
+        stop = tuple(sorted(set(self.config.eos_token_ids)))
+        prog = self._program(rows, prompt_tokens, dp, mode, stop, max_new_tokens, num_samples,
+                             mesh)
+        prefill, decode = self._get_programs(prog, mesh)
+        batch = NamedSharding(mesh, P(BATCH_AXES, None)) if mesh is not None else None
+        repl = NamedSharding(mesh, P()) if mesh is not None else None
+        spec = lambda shape, dtype, sh: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)  # noqa
+        shape = (prog.batch, prog.prompt_len)
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        scalars = (spec((), jnp.float32, repl), spec((), jnp.float32, repl))
+        rows_1d = NamedSharding(mesh, P(BATCH_AXES)) if mesh is not None else None
+        prefill_args = (state, spec(shape, jnp.int32, batch), spec(shape, jnp.bool_, batch),
+                        spec((prog.batch * num_samples,), jnp.int32, rows_1d),  # row limits
+                        spec(key.shape, key.dtype, repl), *scalars)
+
+        def decode_args(compiled_prefill: Any) -> tuple:
+            out = prefill.eval_shape(*prefill_args)
+            ds = jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s),
+                              out, compiled_prefill.output_shardings)
+            return (state, ds, *scalars)
+
+        size = f"{prog.batch} x {prog.prompt_len} prompt, {prog.batch * num_samples} rows x " \
+               f"{prog.prompt_len + max_new_tokens} cache"
+        return [(f"sampler prefill ({size})", prefill, prefill_args),
+                (f"sampler decode ({size})", decode, decode_args)]
+
     def _generate_chunk(self, state, rows, mesh, dp, mode, stop, max_new, limits, temperature,
                         top_p, num_samples, key):
         b = len(rows)
         longest = max(r.size for r in rows)
-        t = bucket_size(longest, self.min_prompt_bucket)
-        bb = bucket_size(b, self.min_batch_bucket, multiple=dp)
+        prog = self._program(b, longest, dp, mode, stop, max_new, num_samples, mesh)
+        t, bb = prog.prompt_len, prog.batch
         ids = np.full((bb, t), self.pad_token_id, np.int32)
         mask = np.zeros((bb, t), bool)
         for i, r in enumerate(rows):
             ids[i, t - r.size:] = r
             mask[i, t - r.size:] = True
-        prog = _Program(batch=bb, prompt_len=t, num_samples=num_samples, max_new=max_new,
-                        mode=mode, stop_ids=stop, pad_id=self.pad_token_id,
-                        cache_dtype=self._resolve_cache_dtype(),
-                        head_nn=self.config.tie_word_embeddings and jax.default_backend() == "cpu")
         prefill, decode = self._get_programs(prog, mesh)
         limit = np.ones((bb * num_samples,), np.int32)  # dummy rows: 1
         limit[:limits.size] = limits

@@ -22,24 +22,10 @@ from sgalm_jax.errors import ShardingError
 
 log = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
-
-# Logical axis name -> mesh axis (or axes, or None for replicated).
-LOGICAL_RULES: dict[str, Any] = {
-    "batch": BATCH_AXES,
-    "length": None,
-    "embed": "fsdp",
-    "vocab": "tensor",
-    "heads": "tensor",
-    "kv_heads": "tensor",
-    "mlp": "tensor",
-    "norm": None,
-    "head_dim": None,
-    # LoRA adapters' rank: over fsdp when the adapter's other axis is not (each mesh axis is used
-    # once per array), so A [in, r] and B [r, out] are sharded like the weights, not replicated.
-    "lora_rank": "fsdp",
-}
+# The mesh axes and the logical-axis rules live beside the model (which constrains its activations
+# with them); re-exported here as this module's API.
+from sgalm_jax.models.partitioning import (  # noqa: E402
+    BATCH_AXES, LOGICAL_RULES, MESH_AXES, _axis_size, logical_to_spec)
 
 
 def resolve_mesh_shape(shape: Mapping[str, int] | None, num_devices: int) -> dict[str, int]:
@@ -85,42 +71,6 @@ def make_mesh(shape: Mapping[str, int] | None = None,
     return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def _axis_size(mesh: Mesh, axis: Any) -> int:
-    if axis is None:
-        return 1
-    if isinstance(axis, (tuple, list)):
-        return math.prod(mesh.shape[a] for a in axis)
-    return mesh.shape[axis]
-
-
-def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
-                    rules: Mapping[str, Any] | None = None) -> P:
-    """The PartitionSpec for an array of ``shape`` with the given logical axis names.
-
-    A dimension whose size the mesh axis does not divide (e.g. 2 KV heads on a tensor axis of 4) is
-    replicated instead, and each mesh axis is used at most once per array.
-    """
-    rules = LOGICAL_RULES if rules is None else rules
-    if not logical_axes:
-        return P()
-    if len(logical_axes) != len(shape):
-        raise ShardingError(f"logical axes {logical_axes} do not match array shape {tuple(shape)}")
-    used: set[str] = set()
-    spec = []
-    for name, dim in zip(logical_axes, shape):
-        axis = rules.get(name) if name is not None else None
-        names = tuple(axis) if isinstance(axis, (tuple, list)) else ((axis,) if axis else ())
-        if not names or used & set(names) or dim % _axis_size(mesh, names):
-            if names and dim % _axis_size(mesh, names):
-                log.debug("replicating dim %s (size %d) of %s: not divisible by mesh axes %s",
-                          name, dim, logical_axes, names)
-            spec.append(None)
-            continue
-        used |= set(names)
-        spec.append(names if len(names) > 1 else names[0])
-    return P(*spec)
-
-
 def _is_variable(x: Any) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -140,6 +90,39 @@ def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, Any] | None = No
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+class OnMesh:
+    """A jitted function whose calls and ``lower`` run with ``mesh`` as JAX's context mesh
+    (``jax.set_mesh``): the model then pins its activations to their shardings and runs Pallas
+    kernels inside ``shard_map`` (:mod:`sgalm_jax.models.partitioning`). Other attributes
+    (``_cache_size``, ``eval_shape``, ...) are the jitted function's."""
+
+    def __init__(self, fn: Any, mesh: Mesh | None):
+        self.fn, self.mesh = fn, mesh
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._on_mesh(self.fn, *args, **kwargs)
+
+    def lower(self, *args: Any, **kwargs: Any) -> Any:
+        return self._on_mesh(self.fn.lower, *args, **kwargs)
+
+    def eval_shape(self, *args: Any, **kwargs: Any) -> Any:
+        return self._on_mesh(self.fn.eval_shape, *args, **kwargs)
+
+    def _on_mesh(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.mesh is None:
+            return fn(*args, **kwargs)
+        with jax.set_mesh(self.mesh):
+            return fn(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.fn, name)
+
+
+def jit_on_mesh(fn: Any, mesh: Mesh | None, **jit_kwargs: Any) -> OnMesh:
+    """``jax.jit(fn, **jit_kwargs)`` called (and lowered) under ``mesh`` as the context mesh."""
+    return OnMesh(jax.jit(fn, **jit_kwargs), mesh)
 
 
 def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping[str, Any] | None = None) -> nnx.Module:

@@ -2,8 +2,9 @@
 
 An algorithm is a module with ``run(config, workdir)`` (or ``run(config)``) and, optionally,
 ``validate(config)``: checks that run before anything is compiled and raise ``ConfigError`` naming
-the key. Built-in names map to modules that are imported only when chosen. A new algorithm
-registers either way::
+the key; and ``programs(config, mesh)``: the :class:`sgalm_jax.training.aot.Program` s a run
+compiles, with abstract arguments at their largest shapes, for ``--compile-only``. Built-in names
+map to modules that are imported only when chosen. A new algorithm registers either way::
 
     # in the algorithm's module
     from sgalm_jax.algorithms import register_algorithm
@@ -54,6 +55,7 @@ class Algorithm:
     name: str
     run: Callable[..., Any]
     validate: Callable[[Any], None] | None = None
+    programs: Callable[[Any, Any], Any] | None = None
 
     def __call__(self, config: Any, workdir: str) -> Any:
         """Run it: ``run(config, workdir)``, or ``run(config)`` for one-argument run functions."""
@@ -72,7 +74,8 @@ _MODULES: dict[str, str] = dict(BUILTIN)
 
 def register_algorithm(name: str, run: Callable[..., Any] | None = None, *,
                        validate: Callable[[Any], None] | None = None,
-                       module: str | None = None, overwrite: bool = True):
+                       module: str | None = None, overwrite: bool = True,
+                       programs: Callable[[Any, Any], Any] | None = None):
     """Register ``run`` under ``name`` (usable as a decorator), or a module to import lazily."""
     if module is not None:
         _MODULES[name] = module
@@ -81,7 +84,7 @@ def register_algorithm(name: str, run: Callable[..., Any] | None = None, *,
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY and not overwrite and _REGISTRY[name].run is not fn:
             raise ValueError(f"algorithm {name!r} is already registered")
-        _REGISTRY[name] = Algorithm(name, fn, validate)
+        _REGISTRY[name] = Algorithm(name, fn, validate, programs)
         return fn
 
     return deco(run) if run is not None else deco
@@ -108,7 +111,8 @@ def get_algorithm(name: str) -> Algorithm:
     run = getattr(module, "run", None)
     if run is None:
         raise ConfigError(f"algorithm: {module_name} has no run() function")
-    algo = Algorithm(name, run, getattr(module, "validate", None))
+    algo = Algorithm(name, run, getattr(module, "validate", None),
+                     getattr(module, "programs", None))
     _REGISTRY[name] = algo
     return algo
 

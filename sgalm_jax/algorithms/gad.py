@@ -268,6 +268,161 @@ def validate(config: Any) -> None:
         raise ConfigError("gad.early_stop_patience: needs an evaluation (gad.eval_examples > 0)")
 
 
+# ------------------------------------------------------------------------------------ roles
+def declare_roles(config: Any, mesh: Any, mcfg: Any, d_mcfg: Any, *, stage: str, beta: float,
+                  init_student: Any = None, init_discriminator: Any = None
+                  ) -> tuple[Roles, Any, Any, Any]:
+    """``(roles, lora, student graph, discriminator graph)``, unbuilt: the learners ``student``
+    (a causal LM) and ``discriminator`` (a ScoreModel of ``d_mcfg``), and in the GAD stage with
+    ``beta > 0`` the frozen ``reference`` (a snapshot of the student). With ``lora.enabled``:
+    adapter sets (and D's head) on one frozen base (:mod:`sgalm_jax.algorithms.gad_lora`).
+    ``init_student`` / ``init_discriminator`` give the first params of a fresh run."""
+    from sgalm_jax.models import CausalLM, ScoreModel
+
+    g = config.gad
+    updates = int(config.train.num_steps) * int(g.num_minibatches) * int(g.num_iterations)
+    d_opt = ml_collections.ConfigDict(config.optimizer.to_dict())
+    d_opt.learning_rate = float(g.d_learning_rate or config.optimizer.learning_rate)
+    d_opt.freeze = ""  # optimizer.freeze selects the student's params
+
+    def g_optimizer(params: Any) -> Any:
+        return make_optimizer(config.optimizer, num_steps=updates, params=params)
+
+    def d_optimizer(params: Any) -> Any:
+        return make_optimizer(d_opt, num_steps=int(config.train.num_steps), params=params)
+
+    reference = stage == "gad" and beta > 0
+    if config.lora.enabled:  # adapter sets (and D's head) on one frozen base
+        from sgalm_jax.algorithms import gad_lora
+
+        return gad_lora.declare_roles(config, mesh, mcfg, make_g_optimizer=g_optimizer,
+                                      make_d_optimizer=d_optimizer, reference=reference)
+    g_graphdef, g_params = split_model(nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0))))
+    d_graphdef, d_params = split_model(
+        nnx.eval_shape(lambda: ScoreModel(d_mcfg, rngs=nnx.Rngs(0))))
+    tx_g, lr_g = g_optimizer(g_params)
+    tx_d, lr_d = d_optimizer(d_params)
+    roles = Roles(mesh)
+    roles.learner("student", g_graphdef, g_params, tx_g, schedule=lr_g, seed=config.seed,
+                  init=init_student)
+    roles.learner("discriminator", d_graphdef, d_params, tx_d, schedule=lr_d,
+                  seed=config.seed + 1, init=init_discriminator)
+    if reference:
+        # The stage's start model, stored with every checkpoint of the stage.
+        roles.snapshot("reference", of="student")
+    return roles, None, g_graphdef, d_graphdef
+
+
+def add_steps(roles: Roles, config: Any, g_graphdef: Any, d_graphdef: Any, opts: GRPOOptions,
+              stage: str) -> None:
+    """The discriminator's ``bt`` step and the student's ``sft`` (warmup) or ``grpo`` step."""
+    cfg, g = config, config.gad
+    common = dict(compute_dtype=cfg.train.compute_dtype or None,
+                  skip_nonfinite=cfg.train.nonfinite == "skip")
+    student = roles["student"]
+    trainable = (trainable_mask(student.own_params, cfg.optimizer.freeze)
+                 if cfg.optimizer.freeze else None)
+    roles["discriminator"].add_step("bt", make_bt_loss(d_graphdef),
+                                    grad_accum_steps=d_accum(cfg), **common)
+    if stage == "warmup":
+        from sgalm_jax.algorithms.sft import make_sft_loss
+
+        student.add_step("sft", make_sft_loss(g_graphdef, cfg.sft.normalize,
+                                              cfg.sft.logits_chunk_size),
+                         accum_weight="num_tokens" if cfg.sft.normalize == "token" else None,
+                         grad_accum_steps=d_accum(cfg), trainable=trainable, **common)
+    else:
+        student.add_step("grpo", make_grpo_loss(g_graphdef, opts),
+                         accum_weight=LOSS_TYPES[g.loss_type][1], trainable=trainable,
+                         grad_accum_steps=cfg.train.grad_accum_steps, **common)
+
+
+def programs(config: Any, mesh: Any) -> list[Any]:
+    """The programs a GAD stage compiles, at their largest shapes, with abstract arguments
+    (``--compile-only``): the discriminator's BT step (``[P, 1 + G, T]`` rows), the student's SFT
+    step (warmup) or GRPO step (GAD stage) and its reference log-prob pass, the discriminator's
+    score pass (GAD stage) and the sampler's prefill and decode. ``T`` is the widest row the
+    ``distill`` limits allow (prompt + response tokens, bucketed, at most ``data.max_length``)."""
+    import jax.numpy as jnp
+
+    from sgalm_jax.models import ModelConfig
+    from sgalm_jax.sampling import Sampler
+    from sgalm_jax.training.aot import Program, abstract_batch, resident
+    from sgalm_jax.training.batching import bucket_length
+    from sgalm_jax.training.model_setup import model_config
+
+    g, d = config.gad, config.distill
+    mcfg = model_config(config.model)
+    path = g.discriminator_path
+    d_mcfg = (ModelConfig.from_hf(path, dtype=config.model.dtype,
+                                  param_dtype=config.model.param_dtype, remat=config.model.remat)
+              if path else mcfg)
+    opts = GRPOOptions.from_section(g, beta=float(g.beta),
+                                    max_new_tokens=int(d.max_response_tokens))
+    roles, _, g_graphdef, d_graphdef = declare_roles(config, mesh, mcfg, d_mcfg, stage=g.stage,
+                                                     beta=opts.beta)
+    roles.build_abstract()
+    add_steps(roles, config, g_graphdef, d_graphdef, opts, g.stage)
+    student, disc = roles["student"], roles["discriminator"]
+    p, group = prompts_per_step(config), int(g.num_generations)
+    width = bucket_length(int(d.max_prompt_tokens) + int(d.max_response_tokens),
+                          int(config.data.min_bucket), int(config.data.max_length))
+    i32, f32 = jnp.int32, jnp.float32
+
+    def rows(shape: tuple[int, ...], loss: bool = False) -> dict[str, Any]:
+        fields = {"input_ids": (shape, i32), "attention_mask": (shape, i32),
+                  "positions": (shape, i32)}
+        if loss:
+            fields["loss_mask"] = (shape, f32)
+        return fields
+
+    def program(name: str, fn: Any, args: Any) -> Program:
+        return Program(name, fn, args, resident=resident(roles, args))
+
+    out = [program(f"D step ({p} x {1 + group} x {width})", disc.steps["bt"],
+                   disc.step_args(abstract_batch(mesh, rows((p, 1 + group, width)))))]
+    b = int(config.train.batch_size)
+    if g.stage == "warmup":
+        out.append(program(f"student SFT step ({p} x {width})", student.steps["sft"],
+                           student.step_args(abstract_batch(mesh, rows((p, width), True)))))
+    else:
+        fields = {**rows((b, width), True), "advantages": ((b,), f32)}
+        if "reference" in roles:
+            fields["ref_logprobs"] = ((b, width), f32)
+        out.append(program(f"student GRPO step ({b} x {width})", student.steps["grpo"],
+                           student.step_args(abstract_batch(mesh, fields))))
+        updater = PolicyUpdate(
+            roles, "student", g_graphdef, opts, mesh, rows_per_step=b,
+            grad_accum_steps=config.train.grad_accum_steps, minibatches=int(g.num_minibatches),
+            epochs=int(g.num_iterations), old_logprobs=g.old_logprobs, seed=config.seed, pad_id=0,
+            min_bucket=config.data.min_bucket, max_length=config.data.max_length,
+            mask_truncated=bool(g.mask_truncated),
+            compute_dtype=config.train.compute_dtype or None)
+        micro = b // int(config.train.grad_accum_steps)
+        if "reference" in roles:
+            ref = roles["reference"]
+            args = (ref.params, abstract_batch(mesh, rows((micro, width), True)))
+            out.append(program(f"reference log-probs ({micro} x {width})",
+                               updater.ref_logprobs._fn, args))
+        n = int(g.score_batch_size) or p // d_accum(config) * (1 + group)
+        n = -(-n // sh.data_parallel_size(mesh)) * sh.data_parallel_size(mesh)
+        scorer = ScorePass(d_graphdef, mesh, rows_per_call=n,
+                           compute_dtype=config.train.compute_dtype or None)
+        args = (disc.params, abstract_batch(mesh, rows((n, width))))
+        out.append(program(f"D score pass ({n} x {width})", scorer._fn, args))
+    rb = int(g.rollout_batch_size)
+    sampler = Sampler(g_graphdef, mcfg, pad_token_id=0, mesh=mesh,
+                      min_batch_bucket=rb // group if rb else p, max_batch_size=rb or None,
+                      min_prompt_bucket=min(config.data.min_bucket, int(d.max_prompt_tokens)))
+    for name, fn, args in sampler.abstract_programs(
+            student.params, rows=rb // group if rb else p,
+            prompt_tokens=int(d.max_prompt_tokens), max_new_tokens=int(d.max_response_tokens),
+            num_samples=group, temperature=float(g.temperature), top_k=int(g.top_k) or None,
+            top_p=None if g.top_p >= 1 else float(g.top_p)):
+        out.append(Program(name, fn, args, resident=resident(roles, (student.params,))))
+    return out
+
+
 # ------------------------------------------------------------------------------------ the run
 class GAD:
     """One GAD stage's pieces: data, roles, sampler, steps; :func:`run` drives :meth:`step`."""
@@ -330,47 +485,15 @@ class GAD:
         return split_model(model)[1]
 
     def build_roles(self, ckpt: Checkpointer, resume_step: int | None) -> dict[str, Any]:
-        """Declare and build the roles: restored from this run's checkpoint ``resume_step``, or
-        (GAD stage) student and discriminator from the warmup's checkpoint, or fresh."""
-        from sgalm_jax.models import CausalLM, ScoreModel
-
+        """Declare (:func:`declare_roles`) and build the roles: restored from this run's
+        checkpoint ``resume_step``, or (GAD stage) student and discriminator from the warmup's
+        checkpoint, or fresh."""
         cfg, g = self.config, self.config.gad
-        updates = self.num_steps * int(g.num_minibatches) * int(g.num_iterations)
-        d_opt = ml_collections.ConfigDict(cfg.optimizer.to_dict())
-        d_opt.learning_rate = float(g.d_learning_rate or cfg.optimizer.learning_rate)
-        d_opt.freeze = ""  # optimizer.freeze selects the student's params
-
-        def g_optimizer(params: Any) -> Any:
-            return make_optimizer(cfg.optimizer, num_steps=updates, params=params)
-
-        def d_optimizer(params: Any) -> Any:
-            return make_optimizer(d_opt, num_steps=self.num_steps, params=params)
-
-        reference = self.stage == "gad" and self.opts.beta > 0
-        self.lora = None
-        if cfg.lora.enabled:  # adapter sets (and D's head) on one frozen base
-            from sgalm_jax.algorithms import gad_lora
-
-            roles, self.lora, self.g_graphdef, self.d_graphdef = gad_lora.declare_roles(
-                cfg, self.mesh, self.mcfg, make_g_optimizer=g_optimizer,
-                make_d_optimizer=d_optimizer, reference=reference)
-            self.roles = roles
-        else:
-            self.g_graphdef, g_params = split_model(
-                nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0))))
-            d_mcfg, _ = self._d_config()
-            self.d_graphdef, d_params = split_model(
-                nnx.eval_shape(lambda: ScoreModel(d_mcfg, rngs=nnx.Rngs(0))))
-            tx_g, lr_g = g_optimizer(g_params)
-            tx_d, lr_d = d_optimizer(d_params)
-            roles = self.roles = Roles(self.mesh)
-            roles.learner("student", self.g_graphdef, g_params, tx_g, schedule=lr_g,
-                          seed=cfg.seed, init=self._init_student)
-            roles.learner("discriminator", self.d_graphdef, d_params, tx_d, schedule=lr_d,
-                          seed=cfg.seed + 1, init=self._init_discriminator)
-            if reference:
-                # The stage's start model, stored with every checkpoint of the stage.
-                roles.snapshot("reference", of="student")
+        roles, self.lora, self.g_graphdef, self.d_graphdef = declare_roles(
+            cfg, self.mesh, self.mcfg, self._d_config()[0], stage=self.stage,
+            beta=self.opts.beta, init_student=self._init_student,
+            init_discriminator=self._init_discriminator)
+        self.roles = roles
 
         if resume_step is not None:
             meta = roles.build(ckpt, resume_step)
@@ -402,24 +525,7 @@ class GAD:
                 log.warning("gad.warmup_dir is empty: the GAD stage starts from the base student "
                             "and a fresh discriminator (the no-warmup ablation)")
 
-        common = dict(compute_dtype=cfg.train.compute_dtype or None,
-                      skip_nonfinite=cfg.train.nonfinite == "skip")
-        student = roles["student"]
-        trainable = (trainable_mask(student.own_params, cfg.optimizer.freeze)
-                     if cfg.optimizer.freeze else None)
-        roles["discriminator"].add_step("bt", make_bt_loss(self.d_graphdef),
-                                        grad_accum_steps=d_accum(cfg), **common)
-        if self.stage == "warmup":
-            from sgalm_jax.algorithms.sft import make_sft_loss
-
-            student.add_step("sft", make_sft_loss(self.g_graphdef, cfg.sft.normalize,
-                                                  cfg.sft.logits_chunk_size),
-                             accum_weight="num_tokens" if cfg.sft.normalize == "token" else None,
-                             grad_accum_steps=d_accum(cfg), trainable=trainable, **common)
-        else:
-            student.add_step("grpo", make_grpo_loss(self.g_graphdef, self.opts),
-                             accum_weight=LOSS_TYPES[g.loss_type][1], trainable=trainable,
-                             grad_accum_steps=cfg.train.grad_accum_steps, **common)
+        add_steps(roles, cfg, self.g_graphdef, self.d_graphdef, self.opts, self.stage)
         self._make_tools()
         return meta
 

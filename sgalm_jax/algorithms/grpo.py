@@ -33,6 +33,7 @@ of the rollout index, so a killed run rerun with the same command ends bit-ident
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
@@ -40,6 +41,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -219,6 +221,159 @@ def validate(config: Any) -> None:
                           "checker; set data.task (or name your own reward function)")
 
 
+# ------------------------------------------------------------------------------------ roles
+@dataclasses.dataclass
+class DeclaredRoles:
+    """What :func:`declare_roles` gives: the (unbuilt) roles, the policy's graph, its learning-rate
+    schedule and, with ``lora.enabled``, the :class:`~sgalm_jax.training.lora_setup.LoraSetup`."""
+
+    roles: Roles
+    graphdef: Any
+    schedule: Any
+    lora: Any = None
+
+
+def declare_roles(config: Any, mesh: Any, mcfg: Any, *, beta: float, load: bool
+                  ) -> DeclaredRoles:
+    """``policy`` (learner) and, with ``beta > 0``, ``reference`` (the start model, frozen).
+
+    With ``lora.enabled``: a frozen ``base``, the policy as adapters on it, and the reference
+    a view of the base (the adapters switched off: the start model, no weights of its own).
+    ``load``: read the start weights now (a fresh run) rather than only their shapes (a resumed
+    run restores them; ``--compile-only`` never needs them).
+    """
+    from sgalm_jax.models import CausalLM
+    from sgalm_jax.training.model_setup import build_model
+
+    roles = Roles(mesh)
+    if config.lora.enabled:
+        from sgalm_jax.training.lora_setup import LoraSetup
+
+        lora = LoraSetup(config, mesh, mcfg)
+        own, _ = split_adapters(lora.abstract)
+        tx, schedule = make_optimizer(config.optimizer, num_steps=config.train.num_steps,
+                                      params=own)
+        lora.declare_base(roles)
+        lora.learner(roles, "policy", tx, schedule=schedule, seed=config.seed)
+        if beta > 0:
+            roles.view("reference", of="base")
+        return DeclaredRoles(roles, lora.graphdef, schedule, lora)
+
+    def start_model() -> Any:
+        return split_model(build_model(config.model, mesh=mesh, seed=config.seed))
+
+    if load:
+        graphdef, params = start_model()
+    else:
+        graphdef, params = split_model(nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0))))
+    tx, schedule = make_optimizer(config.optimizer, num_steps=config.train.num_steps,
+                                  params=params)
+    roles.learner("policy", graphdef, params, tx, schedule=schedule, seed=config.seed)
+    if beta > 0:
+        # Not stored in checkpoints: on resume it is the start model again, read from
+        # model.path (or re-initialised from the seed), bit-identical to the first time.
+        roles.snapshot("reference", of="policy", saved=False, rebuild=lambda: start_model()[1])
+    return DeclaredRoles(roles, graphdef, schedule)
+
+
+def add_policy_step(policy: Any, config: Any, graphdef: Any, opts: GRPOOptions) -> Any:
+    """The policy's ``grpo`` train step (on a built role)."""
+    trainable = (trainable_mask(policy.own_params, config.optimizer.freeze)
+                 if config.optimizer.freeze else None)
+    return policy.add_step("grpo", make_grpo_loss(graphdef, opts),
+                           grad_accum_steps=config.train.grad_accum_steps,
+                           accum_weight=LOSS_TYPES[config.grpo.loss_type][1],
+                           compute_dtype=config.train.compute_dtype or None, trainable=trainable,
+                           skip_nonfinite=config.train.nonfinite == "skip")
+
+
+def make_updater(config: Any, roles: Roles, graphdef: Any, opts: GRPOOptions, mesh: Any, *,
+                 pad_id: int) -> PolicyUpdate:
+    """The policy's log-prob passes and optimizer steps per rollout (built roles)."""
+    g = config.grpo
+    return PolicyUpdate(
+        roles, "policy", graphdef, opts, mesh, rows_per_step=int(config.train.batch_size),
+        grad_accum_steps=config.train.grad_accum_steps, minibatches=int(g.num_minibatches),
+        epochs=int(g.num_iterations), old_logprobs=g.old_logprobs, seed=config.seed,
+        pad_id=pad_id, min_bucket=config.data.min_bucket, max_length=config.data.max_length,
+        mask_truncated=bool(g.mask_truncated), compute_dtype=config.train.compute_dtype or None)
+
+
+def _prompts_per_rollout(config: Any) -> int:
+    g = config.grpo
+    return int(config.train.batch_size) * int(g.num_minibatches) // int(g.num_generations)
+
+
+def make_sampler(config: Any, graphdef: Any, mcfg: Any, mesh: Any, *, pad_id: int) -> Any:
+    """The rollout sampler (batches of a rollout's prompts)."""
+    from sgalm_jax.sampling import Sampler
+    from sgalm_jax.training.run_setup import sampler_options
+
+    # Rows decoded at once: a train step's rows (train.batch_size) unless sampling.num_slots says
+    # otherwise; a rollout of num_minibatches > 1 steps flows through those slots.
+    rows = int(config.train.batch_size)
+    return Sampler(graphdef, mcfg, pad_token_id=pad_id, mesh=mesh,
+                   min_batch_bucket=max(1, rows // int(config.grpo.num_generations)),
+                   min_prompt_bucket=min(config.data.min_bucket, config.grpo.max_prompt_length),
+                   **sampler_options(config, rows))
+
+
+# ------------------------------------------------------------------------------------ AOT
+def programs(config: Any, mesh: Any) -> list[Any]:
+    """The programs a run compiles, at their largest shapes, with abstract arguments
+    (``--compile-only``): the policy's train step (``train.batch_size`` rows of prompt +
+    completion), the old / reference log-prob passes (one micro-batch per call) when the config
+    uses them, and the sampler's prefill and decode (a rollout's prompts, G samples each)."""
+    from sgalm_jax.training.aot import Program, abstract_batch
+    from sgalm_jax.training.batching import bucket_length
+    from sgalm_jax.training.model_setup import model_config
+
+    g, opts = config.grpo, GRPOOptions.from_config(config)
+    mcfg = model_config(config.model)
+    declared = declare_roles(config, mesh, mcfg, beta=opts.beta, load=False)
+    roles, graphdef = declared.roles, declared.graphdef
+    roles.build_abstract()
+    policy = roles["policy"]
+    step = add_policy_step(policy, config, graphdef, opts)
+    b, accum = int(config.train.batch_size), int(config.train.grad_accum_steps)
+    width = bucket_length(int(g.max_prompt_length) + int(g.max_new_tokens),
+                          int(config.data.min_bucket), int(config.data.max_length))
+    fields = {"input_ids": ((b, width), jnp.int32), "attention_mask": ((b, width), jnp.int32),
+              "positions": ((b, width), jnp.int32), "loss_mask": ((b, width), jnp.float32),
+              "advantages": ((b,), jnp.float32)}
+    updates = int(g.num_minibatches) * int(g.num_iterations)
+    use_old = updates > 1 or g.old_logprobs == "sampler"
+    if use_old:
+        fields["old_logprobs"] = ((b, width), jnp.float32)
+    if opts.beta > 0:
+        fields["ref_logprobs"] = ((b, width), jnp.float32)
+    # A full-weights reference is a frozen copy alive during every program; a LoRA one a view.
+    ref = roles["reference"] if "reference" in roles else None
+    frozen_ref = ref.frozen_params if ref is not None and ref.kind == "frozen" else None
+    out = [Program(f"GRPO step ({b} x {width})", step,
+                   policy.step_args(abstract_batch(mesh, fields)), resident=frozen_ref)]
+    passes = make_updater(config, roles, graphdef, opts, mesh, pad_id=0)
+    old_pass, ref_pass = passes.logprobs, passes.ref_logprobs
+    rows = b // accum
+    lp_fields = {k: fields[k] for k in ("input_ids", "attention_mask", "positions", "loss_mask")}
+    lp_batch = abstract_batch(mesh, {k: ((rows, width), v[1]) for k, v in lp_fields.items()})
+    resident = (policy.state.opt_state, frozen_ref)
+    if use_old and g.old_logprobs == "recompute":
+        out.append(Program(f"old log-probs ({rows} x {width})", old_pass._fn,
+                           (policy.params, lp_batch), resident=resident))
+    if ref is not None:  # the policy's whole state stays alive beside the reference's params
+        out.append(Program(f"reference log-probs ({rows} x {width})", ref_pass._fn,
+                           (ref.params, lp_batch), resident=policy.state))
+    sampler = make_sampler(config, graphdef, mcfg, mesh, pad_id=0)
+    for name, fn, args in sampler.abstract_programs(
+            policy.params, rows=_prompts_per_rollout(config),
+            prompt_tokens=int(g.max_prompt_length), max_new_tokens=int(g.max_new_tokens),
+            num_samples=int(g.num_generations), temperature=float(g.temperature),
+            top_k=int(g.top_k) or None, top_p=None if g.top_p >= 1 else float(g.top_p)):
+        out.append(Program(name, fn, args, resident=resident))
+    return out
+
+
 # ------------------------------------------------------------------------------------ the run
 class GRPO:
     """One GRPO run's pieces: data, rewards, roles, sampler and steps; :func:`run` drives it."""
@@ -247,80 +402,18 @@ class GRPO:
 
     # ---------------------------------------------------------------- roles and steps
     def build_roles(self, ckpt: Checkpointer, resume_step: int | None) -> dict[str, Any]:
-        """``policy`` (learner) and, with beta > 0, ``reference`` (the start model, frozen).
-
-        With ``lora.enabled``: a frozen ``base``, the policy as adapters on it, and the reference
-        a view of the base (the adapters switched off: the start model, no weights of its own).
-        """
-        from sgalm_jax.models import CausalLM
-        from sgalm_jax.training.model_setup import build_model
-
+        """Declare the roles (:func:`declare_roles`), build (or restore) them; the policy's train
+        step, the sampler, the log-prob passes."""
         cfg = self.config
-        self.roles = Roles(self.mesh)
-        self.lora = None
-        if cfg.lora.enabled:
-            from sgalm_jax.training.lora_setup import LoraSetup
-
-            self.lora = LoraSetup(cfg, self.mesh, self.mcfg)
-            self.graphdef = self.lora.graphdef
-            own, _ = split_adapters(self.lora.abstract)
-            tx, self.schedule = make_optimizer(cfg.optimizer, num_steps=cfg.train.num_steps,
-                                               params=own)
-            self.lora.declare_base(self.roles)
-            self.lora.learner(self.roles, "policy", tx, schedule=self.schedule, seed=cfg.seed)
-            if self.opts.beta > 0:
-                self.roles.view("reference", of="base")
-            return self._finish_roles(ckpt, resume_step)
-
-        def start_model() -> Any:
-            return split_model(build_model(cfg.model, mesh=self.mesh, seed=cfg.seed))
-
-        if resume_step is None:
-            self.graphdef, params = start_model()
-        else:
-            self.graphdef, params = split_model(
-                nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0))))
-        tx, self.schedule = make_optimizer(cfg.optimizer, num_steps=cfg.train.num_steps,
-                                           params=params)
-        self.roles.learner("policy", self.graphdef, params, tx, schedule=self.schedule,
-                           seed=cfg.seed)
-        if self.opts.beta > 0:
-            # Not stored in checkpoints: on resume it is the start model again, read from
-            # model.path (or re-initialised from the seed), bit-identical to the first time.
-            self.roles.snapshot("reference", of="policy", saved=False,
-                                rebuild=lambda: start_model()[1])
-        return self._finish_roles(ckpt, resume_step)
-
-    def _finish_roles(self, ckpt: Checkpointer, resume_step: int | None) -> dict[str, Any]:
-        """Build (or restore) the roles; the policy's train step, the sampler, the log-prob
-        passes."""
-        cfg = self.config
+        declared = declare_roles(cfg, self.mesh, self.mcfg, beta=self.opts.beta,
+                                 load=resume_step is None)
+        self.roles, self.graphdef = declared.roles, declared.graphdef
+        self.schedule, self.lora = declared.schedule, declared.lora
         meta = self.roles.build(ckpt, resume_step)
-        policy = self.roles["policy"]
-        trainable = (trainable_mask(policy.own_params, cfg.optimizer.freeze)
-                     if cfg.optimizer.freeze else None)
-        policy.add_step("grpo", make_grpo_loss(self.graphdef, self.opts),
-                        grad_accum_steps=cfg.train.grad_accum_steps,
-                        accum_weight=LOSS_TYPES[cfg.grpo.loss_type][1],
-                        compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
-                        skip_nonfinite=cfg.train.nonfinite == "skip")
-        from sgalm_jax.sampling import Sampler
-        from sgalm_jax.training.run_setup import sampler_options
-
-        # Rows decoded at once: a train step's rows (train.batch_size) unless sampling.num_slots
-        # says otherwise; a rollout of num_minibatches > 1 steps flows through those slots.
-        self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
-                               min_batch_bucket=max(1, self.rows_per_step // self.group),
-                               min_prompt_bucket=min(cfg.data.min_bucket, cfg.grpo.max_prompt_length),
-                               **sampler_options(cfg, int(cfg.train.batch_size)))
-        g = cfg.grpo
-        self.updater = PolicyUpdate(
-            self.roles, "policy", self.graphdef, self.opts, self.mesh,
-            rows_per_step=self.rows_per_step, grad_accum_steps=cfg.train.grad_accum_steps,
-            minibatches=self.minibatches, epochs=self.epochs, old_logprobs=g.old_logprobs,
-            seed=cfg.seed, pad_id=self.pad, min_bucket=cfg.data.min_bucket,
-            max_length=cfg.data.max_length, mask_truncated=bool(g.mask_truncated),
-            compute_dtype=cfg.train.compute_dtype or None)
+        add_policy_step(self.roles["policy"], cfg, self.graphdef, self.opts)
+        self.sampler = make_sampler(cfg, self.graphdef, self.mcfg, self.mesh, pad_id=self.pad)
+        self.updater = make_updater(cfg, self.roles, self.graphdef, self.opts, self.mesh,
+                                    pad_id=self.pad)
         return meta
 
     # ---------------------------------------------------------------- 1. sample

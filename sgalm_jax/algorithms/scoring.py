@@ -122,7 +122,8 @@ class SequenceScorer:
         self.calls = 0
         self.forwards = 0
         dtype = resolve_dtype(compute_dtype) if compute_dtype else None
-        self._fn = jax.jit(functools.partial(_score_batch, graphdef, int(chunk_size), dtype))
+        self._fn = sh.jit_on_mesh(functools.partial(_score_batch, graphdef, int(chunk_size),
+                                                    dtype), mesh)
 
     @property
     def num_compilations(self) -> int:

@@ -56,6 +56,7 @@ from sgalm_jax.config import FREE_FORM, register_section
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
 from sgalm_jax.training import multihost as mh
+from sgalm_jax.training.aot import Program, abstract_batch
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import sampler_options, setup_run
 from sgalm_jax.training import (
@@ -313,6 +314,110 @@ def validate(config: Any) -> None:
         validate_eval_section(config)
 
 
+# ------------------------------------------------------------------------------------ AOT
+def programs(config: Any, mesh: Any) -> list[Any]:
+    """The programs a run compiles, at their largest shapes, with abstract arguments
+    (``--compile-only``): the train step (``train.batch_size`` prompts x (1 real + K synthetic)
+    rows of ``data.max_length``), the reference scorer and the sampler's prefill and decode
+    (``generation_batch_size`` prompts of ``max_prompt_length`` tokens, K samples each). The roles
+    are the run's own (:func:`declare_roles`, LoRA included), built abstract."""
+    from sgalm_jax.sampling import Sampler
+    from sgalm_jax.training.aot import resident
+    from sgalm_jax.training.model_setup import model_config
+
+    sp, b, t = config.selfplay, int(config.train.batch_size), int(config.data.max_length)
+    k = int(sp.num_samples)
+    mcfg = model_config(config.model)
+    roles, graphdef, _ = declare_roles(
+        config, mesh, mcfg, load=False,
+        optimizer=lambda params: make_optimizer(config.optimizer, num_steps=1000, params=params))
+    roles.build_abstract()
+    policy = roles["policy"]
+    loss_fn, takes_alpha = resolve_loss(config)
+    step = add_train_step(policy, "step", config, graphdef, loss_fn, takes_alpha, mesh,
+                          skip_nonfinite=config.train.nonfinite == "skip")
+    batch = abstract_batch(mesh, {"input_ids": ((b, 1 + k, t), jnp.int32),
+                                  "attention_mask": ((b, 1 + k, t), jnp.int32),
+                                  "loss_mask": ((b, 1 + k, t), jnp.float32),
+                                  "ref_logprobs": ((b, 1 + k), jnp.float32)})
+    alpha = jax.ShapeDtypeStruct((), jnp.float32, sharding=sh.replicated(mesh))
+    args = policy.step_args(batch, alpha)
+    out = [Program(f"train step ({b} x {1 + k} x {t})", step, args,
+                   resident=resident(roles, args))]
+    scorer = SequenceScorer(graphdef, mesh=mesh, batch_size=sp.ref_batch_size,
+                            min_bucket=config.data.min_bucket, max_length=t,
+                            chunk_size=sp.logprob_chunk_size,
+                            compute_dtype=config.train.compute_dtype or None)
+    rows = scorer.batch_size
+    fields = {"ids": ((rows, t), jnp.int32), "attn": ((rows, t), jnp.int32),
+              "loss_mask": ((rows, t), jnp.float32)}
+    scored = abstract_batch(mesh, fields)
+    args = (policy.params, scored["ids"], scored["attn"], scored["loss_mask"])
+    out.append(Program(f"reference scorer ({rows} x {t})", scorer._fn, args,
+                       resident=resident(roles, args)))
+    sampler = Sampler(graphdef, mcfg, pad_token_id=0, mesh=mesh,
+                      min_batch_bucket=int(sp.generation_batch_size))
+    for name, fn, args in sampler.abstract_programs(
+            policy.params, rows=int(sp.generation_batch_size),
+            prompt_tokens=int(sp.max_prompt_length), max_new_tokens=int(sp.max_new_tokens),
+            num_samples=k, temperature=float(sp.temperature), top_k=int(sp.top_k) or None,
+            top_p=None if sp.top_p >= 1 else float(sp.top_p)):
+        out.append(Program(name, fn, args, resident=resident(roles, (policy.params,))))
+    return out
+
+
+# ------------------------------------------------------------------------------------ roles
+def declare_roles(config: Any, mesh: Any, mcfg: Any, *, load: bool,
+                  optimizer: Callable[[Any], Any]) -> tuple[Roles, Any, Any]:
+    """``(roles, graphdef, lora)``: the ``policy`` learner (θ_t while iteration t trains) and its
+    ``reference`` view: the policy as it is when an iteration starts, scored once before any
+    step of that iteration (no second copy on the devices). With ``lora.enabled`` the policy is
+    adapters on a frozen ``base`` (its view reads both; ``lora`` is the ``LoraSetup``).
+    ``optimizer(params)`` gives ``(tx, schedule)``; ``load``: read the start weights now (a fresh
+    run) rather than their shapes."""
+    from flax import nnx
+
+    from sgalm_jax.models import CausalLM
+    from sgalm_jax.training.model_setup import build_model
+
+    roles = Roles(mesh)
+    if config.lora.enabled:
+        from sgalm_jax.models.lora import split_adapters
+        from sgalm_jax.training.lora_setup import LoraSetup
+
+        lora = LoraSetup(config, mesh, mcfg)
+        tx, schedule = optimizer(split_adapters(lora.abstract)[0])
+        lora.declare_base(roles)
+        lora.learner(roles, "policy", tx, schedule=schedule, seed=config.seed)
+        roles.view("reference", of="policy")
+        return roles, lora.graphdef, lora
+    if load:
+        model = build_model(config.model, mesh=mesh, seed=config.seed)
+    else:
+        model = nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, params = split_model(model)
+    del model
+    # The optimizer's state has the same structure in every iteration (only the LR differs).
+    tx, schedule = optimizer(params)
+    roles.learner("policy", graphdef, params, tx, schedule=schedule, seed=config.seed)
+    roles.view("reference", of="policy")
+    return roles, graphdef, None
+
+
+def add_train_step(policy: Any, name: str, config: Any, graphdef: Any, loss_fn: Any,
+                   takes_alpha: bool, mesh: Any, *, skip_nonfinite: bool) -> Any:
+    """The policy's self-play train step ``name`` (``step(state, batch, alpha)``)."""
+    cfg = config
+    return policy.add_step(
+        name, make_selfplay_loss(graphdef, loss_fn, takes_alpha=takes_alpha,
+                                 chunk_size=cfg.selfplay.logprob_chunk_size),
+        extra_shardings=(sh.replicated(mesh),),
+        grad_accum_steps=cfg.train.grad_accum_steps,
+        compute_dtype=cfg.train.compute_dtype or None,
+        trainable=trainable_mask(policy.own_params, cfg.optimizer.freeze)
+        if cfg.optimizer.freeze else None, skip_nonfinite=skip_nonfinite)
+
+
 # ------------------------------------------------------------------------------------ the run
 class _Run:
     """State and steps of one self-play run (see the module docstring)."""
@@ -363,58 +468,18 @@ class _Run:
                                        "learning_rate": learning_rate(self.config, t)})
         return make_optimizer(opt, num_steps=self.steps[t], params=params)
 
-    def abstract_params(self):
-        from flax import nnx
-
-        from sgalm_jax.models import CausalLM
-
-        abstract_model = nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0)))
-        return split_model(abstract_model)
-
     def build_roles(self, latest: int | None) -> dict[str, Any]:
-        """The ``policy`` learner (θ_t while iteration t trains) and its ``reference`` view: the
-        policy as it is when an iteration starts, scored once before any step of that iteration
-        (no second copy on the devices). Restored from checkpoint ``latest`` when given."""
-        from sgalm_jax.training.model_setup import build_model
-
-        config = self.config
-        self.roles = Roles(self.mesh)
-        if config.lora.enabled:  # the policy is adapters on a frozen base (its view reads both)
-            from sgalm_jax.models.lora import split_adapters
-            from sgalm_jax.training.lora_setup import LoraSetup
-
-            self.lora = LoraSetup(config, self.mesh, self.mcfg)
-            self.graphdef = self.lora.graphdef
-            tx, schedule = self.optimizer(0, split_adapters(self.lora.abstract)[0])
-            self.lora.declare_base(self.roles)
-            self.lora.learner(self.roles, "policy", tx, schedule=schedule, seed=config.seed)
-            self.roles.view("reference", of="policy")
-            return self.roles.build(self.ckpt, latest)
-        if latest is None:
-            model = build_model(config.model, mesh=self.mesh, seed=config.seed)
-            self.graphdef, params = split_model(model)
-            del model
-        else:
-            self.graphdef, params = self.abstract_params()
-        # The optimizer's state has the same structure in every iteration (only the LR differs).
-        tx, schedule = self.optimizer(0, params)
-        self.roles.learner("policy", self.graphdef, params, tx, schedule=schedule, seed=config.seed)
-        self.roles.view("reference", of="policy")
+        """The roles (:func:`declare_roles`), restored from checkpoint ``latest`` when given."""
+        self.roles, self.graphdef, self.lora = declare_roles(
+            self.config, self.mesh, self.mcfg, load=latest is None,
+            optimizer=lambda params: self.optimizer(0, params))
         return self.roles.build(self.ckpt, latest)
 
     def train_step_name(self, t: int) -> str:
         """Add (once per learning rate and length) the policy's train step for iteration t."""
         name = f"selfplay_lr{learning_rate(self.config, t)!r}_n{self.steps[t]}"
-        cfg, policy = self.config, self.roles["policy"]
-        policy.add_step(
-            name, make_selfplay_loss(self.graphdef, self.loss_fn, takes_alpha=self.takes_alpha,
-                                     chunk_size=cfg.selfplay.logprob_chunk_size),
-            extra_shardings=(sh.replicated(self.mesh),),
-            grad_accum_steps=cfg.train.grad_accum_steps,
-            compute_dtype=cfg.train.compute_dtype or None,
-            trainable=trainable_mask(policy.own_params, cfg.optimizer.freeze)
-            if cfg.optimizer.freeze
-            else None, skip_nonfinite=self.finite.skip)
+        add_train_step(self.roles["policy"], name, self.config, self.graphdef, self.loss_fn,
+                       self.takes_alpha, self.mesh, skip_nonfinite=self.finite.skip)
         return name
 
     def ensure_tools(self) -> None:

@@ -52,6 +52,7 @@ from sgalm_jax.training import (
     trainable_mask,
 )
 from sgalm_jax.training import multihost as mh
+from sgalm_jax.training.aot import Program, abstract_batch, abstract_train_state
 from sgalm_jax.training.batching import (
     BatchSource,
     LazyExamples,
@@ -243,6 +244,34 @@ def make_sft_loss(graphdef: Any, normalize: str = "token", logits_chunk_size: in
         return sft_loss(model(*args), targets, mask, normalize=normalize)
 
     return model_loss(graphdef, loss_on_model)
+
+
+# ------------------------------------------------------------------------------------ AOT
+def programs(config: Any, mesh: Any) -> list[Program]:
+    """The train step at its largest batch (``train.batch_size`` x ``data.max_length``), with
+    abstract arguments (``--compile-only``)."""
+    from flax import nnx
+
+    from sgalm_jax.models import CausalLM
+
+    mcfg = model_config(config.model)
+    graphdef, params = split_model(nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0))))
+    tx, schedule = make_optimizer(config.optimizer, num_steps=config.train.num_steps,
+                                  params=params)
+    state, shardings = abstract_train_state(params, tx, mesh)
+    step_fn = make_train_step(
+        make_sft_loss(graphdef, config.sft.normalize, config.sft.logits_chunk_size), tx,
+        mesh=mesh, state_shardings=shardings, grad_accum_steps=config.train.grad_accum_steps,
+        accum_weight="num_tokens" if config.sft.normalize == "token" else None,
+        compute_dtype=config.train.compute_dtype or None,
+        trainable=trainable_mask(params, config.optimizer.freeze) if config.optimizer.freeze
+        else None, learning_rate=schedule, skip_nonfinite=config.train.nonfinite == "skip")
+    b, t = int(config.train.batch_size), int(config.data.max_length)
+    batch = abstract_batch(mesh, {"input_ids": ((b, t), jnp.int32),
+                                  "attention_mask": ((b, t), jnp.int32),
+                                  "positions": ((b, t), jnp.int32),
+                                  "loss_mask": ((b, t), jnp.float32)})
+    return [Program(f"SFT step ({b} x {t})", step_fn, (state, batch))]
 
 
 # ------------------------------------------------------------------------------------ run

@@ -79,6 +79,8 @@ from sgalm_jax.training import (
     trainable_mask,
 )
 from sgalm_jax.training import multihost as mh
+from sgalm_jax.training.aot import Program, abstract_batch, rows_fields
+from sgalm_jax.training.aot import resident as aot_resident
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import sampler_options, setup_run, tokenizer_source
@@ -324,7 +326,7 @@ class DScorer:
         def z_fn(params, batch):
             return discriminator_logits(nnx.merge(graphdef, params), batch, labels)
 
-        self._fn = jax.jit(z_fn)
+        self._fn = sh.jit_on_mesh(z_fn, mesh)
 
     def __call__(self, params: Any, rows: list[list[int]]) -> np.ndarray:
         out = np.zeros(len(rows), np.float32)
@@ -358,6 +360,155 @@ def to_global(batch: dict[str, np.ndarray], mesh: Any) -> Any:
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64)))
+
+
+# ------------------------------------------------------------------------------------ AOT
+def _worst_width(bucket: int, max_length: int) -> int:
+    """The widest rows ``pad_rows`` makes for rows of up to ``max_length`` tokens."""
+    width = max(int(bucket), 1)
+    while width < max_length:
+        width *= 2
+    return width
+
+
+def programs(config: Any, mesh: Any) -> list[Program]:
+    """The programs a run compiles, at the largest shapes the config allows, with abstract
+    arguments (``--compile-only``): the D and G train steps, the D scorer and the sampler's
+    prefill and decode (prompts of up to ``data.max_length - 1`` tokens). The roles are the run's
+    own (:func:`declare_roles`, LoRA included), built abstract."""
+    s, b = config.sgalm, int(config.train.batch_size)
+    mcfg = model_config(config.model)
+    declared = declare_roles(config, mesh, mcfg, load=False, n_g=1000, n_d=1000)
+    roles, graphdef = declared.roles, declared.graphdef
+    roles.build_abstract()
+    labels = LabelTokenIds(0, 1, (0,), (1,), False, "")  # token ids only matter as constants
+    opts = GeneratorOptions.from_config(config)
+    add_steps(roles, config, graphdef, labels, opts)
+    gen, disc = roles["generator"], roles["discriminator"]
+    width = _worst_width(s.length_bucket, int(config.data.max_length))
+    half = b // 2
+    steps_d, steps_g = active_steps(config)
+    out: list[Program] = []
+
+    def program(name: str, fn: Any, args: Any) -> Program:
+        return Program(name, fn, args, resident=aot_resident(roles, args))
+
+    if steps_d:
+        fields = {**rows_fields(b, width), "is_real": ((b,), jnp.float32)}
+        out.append(program(f"D step ({b} x {width})", disc.steps["d"],
+                           disc.step_args(abstract_batch(mesh, fields))))
+    if steps_g:
+        fields = rows_fields(half, width, loss_mask=True)
+        if opts.reward_source == "snapshot":
+            fields["z_snapshot"] = ((half,), jnp.float32)
+        else:
+            fields.update(rows_fields(half, width, prefix="d_"))
+        if opts.anchor_weight > 0:
+            fields.update(rows_fields(half, width, prefix="a_", loss_mask=True))
+        extra = (disc.params,) if opts.reward_source == "separate" else ()
+        out.append(program(f"G step ({half} x {width})", gen.steps["g"],
+                           gen.step_args(abstract_batch(mesh, fields), *extra)))
+    score_rows = -(-int(s.score_batch_size) // sh.data_parallel_size(mesh)) * \
+        sh.data_parallel_size(mesh)
+    scorer = DScorer(graphdef, labels, mesh, batch_size=score_rows, bucket=s.length_bucket,
+                     pad_id=0)
+    out.append(program(f"D scorer ({score_rows} x {width})", scorer._fn,
+                       (disc.params, abstract_batch(mesh, rows_fields(score_rows, width)))))
+    sampler = Sampler(graphdef, mcfg, pad_token_id=0, mesh=mesh,
+                      min_batch_bucket=int(s.sample_batch_size))
+    max_new = int(s.max_new_tokens) or int(config.data.max_length)
+    for name, fn, args in sampler.abstract_programs(
+            gen.params, rows=int(s.sample_batch_size),
+            prompt_tokens=max(int(config.data.max_length) - 1, 1), max_new_tokens=max_new,
+            temperature=float(s.temperature), top_k=int(s.top_k) or None,
+            top_p=None if s.top_p >= 1 else float(s.top_p)):
+        # the decode's args come from its compiled prefill; the resident state is the same
+        out.append(Program(name, fn, args, resident=aot_resident(roles, (gen.params,))))
+    return out
+
+
+# ------------------------------------------------------------------------------------ roles
+@dataclasses.dataclass
+class DeclaredRoles:
+    """What :func:`declare_roles` gives: the (unbuilt) roles, the graph both roles run, the two
+    optimizers and schedules, and with ``lora.enabled`` the ``LoraSetup``."""
+
+    roles: Roles
+    graphdef: Any
+    tx_g: Any
+    lr_g: Any
+    tx_d: Any
+    lr_d: Any
+    lora: Any = None
+
+
+def declare_roles(config: Any, mesh: Any, mcfg: Any, *, load: bool, n_g: int, n_d: int
+                  ) -> DeclaredRoles:
+    """The generator and discriminator roles: one learner ``model`` reached by both names, or
+    (``two_models``) two learners of the same graph, D starting as a copy of G. With LoRA: one
+    frozen ``base`` and adapters on it (two adapter sets for ``two_models``; D's from another
+    seed, so with B = 0 both start as the base model, as D starts as a copy of G). ``load``: read
+    the start weights now (a fresh run) rather than their shapes; ``n_g``/``n_d``: optimizer
+    steps of each role (the schedules' lengths)."""
+    two = config.sgalm.variant == "two_models"
+    roles = Roles(mesh)
+    if config.lora.enabled:
+        from sgalm_jax.models.lora import split_adapters
+        from sgalm_jax.training.lora_setup import LoraSetup
+
+        lora = LoraSetup(config, mesh, mcfg)
+        own, _ = split_adapters(lora.abstract)
+        tx_g, lr_g = make_optimizer(config.optimizer, num_steps=max(n_g, 1), params=own)
+        tx_d, lr_d = (make_optimizer(config.optimizer, num_steps=max(n_d, 1), params=own)
+                      if two else (tx_g, lr_g))
+        lora.declare_base(roles)
+        if two:
+            lora.learner(roles, "generator", tx_g, schedule=lr_g, seed=config.seed)
+            lora.learner(roles, "discriminator", tx_d, schedule=lr_d, seed=config.seed + 1)
+        else:
+            lora.learner(roles, "model", tx_g, schedule=lr_g, seed=config.seed)
+            roles.alias("generator", "model")
+            roles.alias("discriminator", "model")
+        return DeclaredRoles(roles, lora.graphdef, tx_g, lr_g, tx_d, lr_d, lora)
+    if load:
+        model = build_model(config.model, mesh=mesh, seed=config.seed)
+    else:
+        from sgalm_jax.models import CausalLM
+
+        model = nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0)))
+    graphdef, params = split_model(model)
+    del model
+    tx_g, lr_g = make_optimizer(config.optimizer, num_steps=max(n_g, 1), params=params)
+    tx_d, lr_d = (make_optimizer(config.optimizer, num_steps=max(n_d, 1), params=params)
+                  if two else (tx_g, lr_g))
+    pshard = sh.state_shardings(params, mesh)
+    if two:
+        roles.learner("generator", graphdef, params, tx_g, schedule=lr_g, seed=config.seed,
+                      params_shardings=pshard)
+        # Separate buffers: the steps donate their state, so D must not alias G's params.
+        roles.learner("discriminator", graphdef, params, tx_d, schedule=lr_d,
+                      seed=config.seed + 1, params_shardings=pshard,
+                      init=lambda: copy_params(roles["generator"].params, pshard))
+    else:
+        roles.learner("model", graphdef, params, tx_g, schedule=lr_g, seed=config.seed,
+                      params_shardings=pshard)
+        roles.alias("generator", "model")
+        roles.alias("discriminator", "model")
+    return DeclaredRoles(roles, graphdef, tx_g, lr_g, tx_d, lr_d)
+
+
+def add_steps(roles: Roles, config: Any, graphdef: Any, labels: LabelTokenIds,
+              gen_opts: GeneratorOptions) -> None:
+    """The D step ``d`` (on the discriminator role) and the G step ``g`` (on the generator)."""
+    gen, disc = roles["generator"], roles["discriminator"]
+    trainable = (trainable_mask(gen.own_params, config.optimizer.freeze)
+                 if config.optimizer.freeze else None)
+    common = dict(grad_accum_steps=config.train.grad_accum_steps,
+                  compute_dtype=config.train.compute_dtype or None, trainable=trainable,
+                  skip_nonfinite=config.train.nonfinite == "skip")
+    disc.add_step("d", make_d_loss(graphdef, labels), **common)
+    extra = (disc.model_shardings(),) if gen_opts.reward_source == "separate" else ()
+    gen.add_step("g", make_g_loss(graphdef, labels, gen_opts), extra_shardings=extra, **common)
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -396,99 +547,33 @@ class SGALM:
     # ---------------------------------------------------------------- roles
     def build_roles(self, ckpt: Checkpointer, resume_step: int | None
                     ) -> tuple[Roles, dict[str, Any]]:
-        """The generator and discriminator roles: one learner ``model`` reached by both names,
-        or (``two_models``) two learners of the same graph, D starting as a copy of G. Restored
-        from checkpoint ``resume_step`` when given."""
+        """The generator and discriminator roles (:func:`declare_roles`), restored from
+        checkpoint ``resume_step`` when given."""
         cfg = self.config
         two = cfg.sgalm.variant == "two_models"
-        if cfg.lora.enabled:
-            return self._build_lora_roles(ckpt, resume_step)
-        if resume_step is None:
-            model = build_model(cfg.model, mesh=self.mesh, seed=cfg.seed)
-        else:
-            from sgalm_jax.models import CausalLM
-
-            model = nnx.eval_shape(lambda: CausalLM(self.mcfg, rngs=nnx.Rngs(0)))
-        graphdef, params = split_model(model)
-        del model
         n_g = int(cfg.sgalm.iterations) * self.rounds * (self.steps_g if two else
                                                          self.steps_d + self.steps_g)
         n_d = int(cfg.sgalm.iterations) * self.rounds * self.steps_d
-        self.tx_g, self.lr_g = make_optimizer(cfg.optimizer, num_steps=max(n_g, 1), params=params)
-        self.tx_d, self.lr_d = (make_optimizer(cfg.optimizer, num_steps=max(n_d, 1),
-                                               params=params) if two else (self.tx_g, self.lr_g))
-        pshard = sh.state_shardings(params, self.mesh)
-        roles = Roles(self.mesh)
-        if two:
-            roles.learner("generator", graphdef, params, self.tx_g, schedule=self.lr_g,
-                          seed=cfg.seed, params_shardings=pshard)
-            # Separate buffers: the steps donate their state, so D must not alias G's params.
-            roles.learner("discriminator", graphdef, params, self.tx_d, schedule=self.lr_d,
-                          seed=cfg.seed + 1, params_shardings=pshard,
-                          init=lambda: copy_params(roles["generator"].params, pshard))
-        else:
-            roles.learner("model", graphdef, params, self.tx_g, schedule=self.lr_g,
-                          seed=cfg.seed, params_shardings=pshard)
-            roles.alias("generator", "model")
-            roles.alias("discriminator", "model")
+        declared = declare_roles(cfg, self.mesh, self.mcfg, load=resume_step is None,
+                                 n_g=n_g, n_d=n_d)
+        roles, self.graphdef, self.lora = declared.roles, declared.graphdef, declared.lora
+        self.tx_g, self.lr_g, self.tx_d, self.lr_d = (declared.tx_g, declared.lr_g,
+                                                      declared.tx_d, declared.lr_d)
         meta = roles.build(ckpt, resume_step)
         if resume_step is not None:
             log.info("resumed from %s at update %d (iteration %d, step %d of %d)", ckpt.directory,
                      resume_step, meta.get("iteration", 0), meta.get("iter_step", 0),
                      self.per_iter)
-        self.graphdef = graphdef
-        return roles, meta
-
-    def _build_lora_roles(self, ckpt: Checkpointer, resume_step: int | None
-                          ) -> tuple[Roles, dict[str, Any]]:
-        """LoRA: one frozen ``base``; ``model`` (adapters on it, reached as generator and
-        discriminator), or for ``two_models`` two adapter sets on the same base (D's adapters from
-        another seed; with B = 0 both start as the base model, as D starts as a copy of G)."""
-        from sgalm_jax.models.lora import split_adapters
-        from sgalm_jax.training.lora_setup import LoraSetup
-
-        cfg = self.config
-        two = cfg.sgalm.variant == "two_models"
-        self.lora = LoraSetup(cfg, self.mesh, self.mcfg)
-        own, _ = split_adapters(self.lora.abstract)
-        n_g = int(cfg.sgalm.iterations) * self.rounds * (self.steps_g if two else
-                                                         self.steps_d + self.steps_g)
-        n_d = int(cfg.sgalm.iterations) * self.rounds * self.steps_d
-        self.tx_g, self.lr_g = make_optimizer(cfg.optimizer, num_steps=max(n_g, 1), params=own)
-        self.tx_d, self.lr_d = (make_optimizer(cfg.optimizer, num_steps=max(n_d, 1), params=own)
-                                if two else (self.tx_g, self.lr_g))
-        roles = Roles(self.mesh)
-        self.lora.declare_base(roles)
-        if two:
-            self.lora.learner(roles, "generator", self.tx_g, schedule=self.lr_g, seed=cfg.seed)
-            self.lora.learner(roles, "discriminator", self.tx_d, schedule=self.lr_d,
-                              seed=cfg.seed + 1)
-        else:
-            self.lora.learner(roles, "model", self.tx_g, schedule=self.lr_g, seed=cfg.seed)
-            roles.alias("generator", "model")
-            roles.alias("discriminator", "model")
-        meta = roles.build(ckpt, resume_step)
-        self.graphdef = self.lora.graphdef
         return roles, meta
 
     def make_steps(self, roles: Roles) -> None:
-        """The D step (on the discriminator role) and the G step (on the generator role)."""
+        """The D and G steps (:func:`add_steps`), the sampler and the D scorer."""
         cfg = self.config
-        gen, disc = roles["generator"], roles["discriminator"]
-        trainable = (trainable_mask(gen.own_params, cfg.optimizer.freeze)
-                     if cfg.optimizer.freeze else None)
-        common = dict(grad_accum_steps=cfg.train.grad_accum_steps,
-                      compute_dtype=cfg.train.compute_dtype or None, trainable=trainable,
-                      skip_nonfinite=cfg.train.nonfinite == "skip")
-        labels = self.data.labels
-        disc.add_step("d", make_d_loss(self.graphdef, labels), **common)
-        extra = (disc.model_shardings(),) if self.gen_opts.reward_source == "separate" else ()
-        gen.add_step("g", make_g_loss(self.graphdef, labels, self.gen_opts),
-                     extra_shardings=extra, **common)
+        add_steps(roles, cfg, self.graphdef, self.data.labels, self.gen_opts)
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
                                min_batch_bucket=int(cfg.sgalm.sample_batch_size),
                                **sampler_options(cfg, int(cfg.sgalm.sample_batch_size)))
-        self.scorer = DScorer(self.graphdef, labels, self.mesh,
+        self.scorer = DScorer(self.graphdef, self.data.labels, self.mesh,
                               batch_size=cfg.sgalm.score_batch_size,
                               bucket=cfg.sgalm.length_bucket, pad_id=self.pad)
 

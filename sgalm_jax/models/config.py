@@ -20,6 +20,7 @@ from sgalm_jax.errors import ConfigError
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+ATTENTION_IMPLS = ("auto", "xla", "splash", "cudnn")  # see sgalm_jax.models.attention
 
 _DTYPES = {
     "float32": jnp.float32,
@@ -54,6 +55,11 @@ class ModelConfig:
 
     ``dtype`` is the compute dtype of activations and matmuls; ``param_dtype`` the storage dtype of
     the weights. Norms, softmax and RoPE are always computed in float32.
+
+    ``scan_layers`` runs the decoder's layers as one ``lax.scan`` over their stacked weights (fast
+    to compile at any depth); False runs a Python loop over the same stacked weights. ``attention``
+    picks the self-attention kernel (:mod:`sgalm_jax.models.attention`). Neither changes the
+    params, so both can differ between training and export or between runs of one checkpoint.
     """
 
     model_type: str = "qwen2"
@@ -84,6 +90,8 @@ class ModelConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    scan_layers: bool = True
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -96,6 +104,8 @@ class ModelConfig:
             )
         if self.remat not in REMAT_POLICIES:
             raise ConfigError(f"remat {self.remat!r} is not one of {REMAT_POLICIES}")
+        if self.attention not in ATTENTION_IMPLS:
+            raise ConfigError(f"attention {self.attention!r} is not one of {ATTENTION_IMPLS}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "

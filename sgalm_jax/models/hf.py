@@ -2,13 +2,17 @@
 
 One declarative table per family maps HF tensor names to our module paths (with a transpose for
 linear weights: torch stores ``[out, in]``, our kernels are ``[in, out]``). The same table drives
-loading and saving, so the two directions cannot drift apart. The sequence scorer
+loading and saving, so the two directions cannot drift apart. The decoder's layers are stacked
+(:func:`~sgalm_jax.models.transformer.stacked_layers`): HF's per-layer tensors
+``model.layers.{i}.X`` are rows ``i`` of our one ``model.layers.X`` param of shape [L, ...], stacked
+on import and sliced on export. The sequence scorer
 (:class:`~sgalm_jax.models.score.ScoreModel`, HF's ``*ForSequenceClassification`` with one label)
 uses the same table with ``score.weight`` in place of ``lm_head.weight``
 (:func:`load_score_model`, :func:`save_score_model`).
 
-Loading streams the checkpoint one tensor at a time: each tensor is read, cast on the host and placed
-straight into its sharding, so the host never holds more than one tensor beyond the params.
+Loading streams the checkpoint one param at a time: each param's tensors (one, or L for a stacked
+layer param) are read, cast on the host and placed straight into its sharding, so the host never
+holds more than one (stacked) param beyond the params.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +51,11 @@ _IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """HF tensor ``hf`` <-> our param ``ours`` ('{i}' = layer index), present when ``when(config)``."""
+    """HF tensor ``hf`` <-> our param ``ours``, present when ``when(config)``.
+
+    ``{i}`` in ``hf`` is the layer index; such a rule maps every layer's tensor to row ``i`` of the
+    stacked param ``ours`` (which has no index).
+    """
 
     hf: str
     ours: str
@@ -63,23 +71,23 @@ def _linear(hf_module: str, our_module: str, bias: Callable[[ModelConfig], bool]
 
 
 def _decoder_rules(qkv_bias, o_bias, mlp_bias, qk_norm: bool) -> tuple[Rule, ...]:
-    layer = "model.layers.{i}"
+    hf, ours = "model.layers.{i}", "model.layers"  # HF's layer i = row i of our stacked params
     rules = [
         Rule("model.embed_tokens.weight", "model.embed_tokens.embedding"),
         Rule("model.norm.weight", "model.norm.weight"),
         Rule("lm_head.weight", "lm_head.kernel", transpose=True,
              when=lambda c: not c.tie_word_embeddings),
-        Rule(f"{layer}.input_layernorm.weight", f"{layer}.input_layernorm.weight"),
-        Rule(f"{layer}.post_attention_layernorm.weight", f"{layer}.post_attention_layernorm.weight"),
+        Rule(f"{hf}.input_layernorm.weight", f"{ours}.input_layernorm.weight"),
+        Rule(f"{hf}.post_attention_layernorm.weight", f"{ours}.post_attention_layernorm.weight"),
     ]
     for proj in ("q_proj", "k_proj", "v_proj"):
-        rules += _linear(f"{layer}.self_attn.{proj}", f"{layer}.self_attn.{proj}", qkv_bias)
-    rules += _linear(f"{layer}.self_attn.o_proj", f"{layer}.self_attn.o_proj", o_bias)
+        rules += _linear(f"{hf}.self_attn.{proj}", f"{ours}.self_attn.{proj}", qkv_bias)
+    rules += _linear(f"{hf}.self_attn.o_proj", f"{ours}.self_attn.o_proj", o_bias)
     if qk_norm:
-        rules += [Rule(f"{layer}.self_attn.q_norm.weight", f"{layer}.self_attn.q_norm.weight"),
-                  Rule(f"{layer}.self_attn.k_norm.weight", f"{layer}.self_attn.k_norm.weight")]
+        rules += [Rule(f"{hf}.self_attn.q_norm.weight", f"{ours}.self_attn.q_norm.weight"),
+                  Rule(f"{hf}.self_attn.k_norm.weight", f"{ours}.self_attn.k_norm.weight")]
     for proj in ("gate_proj", "up_proj", "down_proj"):
-        rules += _linear(f"{layer}.mlp.{proj}", f"{layer}.mlp.{proj}", mlp_bias)
+        rules += _linear(f"{hf}.mlp.{proj}", f"{ours}.mlp.{proj}", mlp_bias)
     return tuple(rules)
 
 
@@ -112,8 +120,17 @@ SCORE_RULE = Rule("score.weight", "score.kernel", transpose=True)
 HEADS = ("lm_head", "score")
 
 
-def expand_table(config: ModelConfig, head: str = "lm_head") -> dict[str, tuple[tuple[Any, ...], bool]]:
-    """HF tensor name -> (our state path, transpose) for every tensor this config has.
+class Entry(NamedTuple):
+    """Where one HF tensor lives in our params: ``path`` (a flat-state key), whether it is stored
+    transposed, and its row ``layer`` of a stacked [L, ...] param (None: the whole param)."""
+
+    path: tuple[Any, ...]
+    transpose: bool
+    layer: int | None
+
+
+def expand_table(config: ModelConfig, head: str = "lm_head") -> dict[str, Entry]:
+    """HF tensor name -> :class:`Entry` for every tensor this config has.
 
     ``head="lm_head"``: a causal LM (:class:`CausalLM`); ``head="score"``: a sequence scorer
     (:class:`ScoreModel`), the same body with ``score.weight`` instead of ``lm_head.weight``.
@@ -124,16 +141,26 @@ def expand_table(config: ModelConfig, head: str = "lm_head") -> dict[str, tuple[
              if not (head == "score" and r.hf == "lm_head.weight")]
     if head == "score":
         rules.append(SCORE_RULE)
-    out: dict[str, tuple[tuple[Any, ...], bool]] = {}
+    out: dict[str, Entry] = {}
     for rule in rules:
         if not rule.when(config):
             continue
+        path = tuple(rule.ours.split("."))
         layers = range(config.num_hidden_layers) if "{i}" in rule.hf else [None]
         for i in layers:
-            hf = rule.hf.format(i=i)
-            path = tuple(int(p) if p.isdigit() else p for p in rule.ours.format(i=i).split("."))
-            out[hf] = (path, rule.transpose)
+            out[rule.hf.format(i=i)] = Entry(path, rule.transpose, i)
     return out
+
+
+def _by_param(table: dict[str, Entry], names: set[str]) -> dict[tuple[Any, ...], list[str]]:
+    """The HF names of ``names`` grouped by our param (params in the order of their first HF name,
+    so loading is deterministic), layers in order."""
+    groups: dict[tuple[Any, ...], list[str]] = {}
+    for name in sorted(names):
+        groups.setdefault(table[name].path, []).append(name)
+    for group in groups.values():
+        group.sort(key=lambda n: -1 if table[n].layer is None else table[n].layer)
+    return groups
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -171,21 +198,16 @@ def _open_safetensors(fname: str):
         raise CheckpointError(f"{fname}: cannot read safetensors file ({e})") from None
 
 
-def _read_tensors(files: dict[str, str], names: set[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (name, array) one tensor at a time, opening each file once."""
-    by_file: dict[str, list[str]] = {}
-    for name in sorted(names):
-        by_file.setdefault(files[name], []).append(name)
-    for fname, tensor_names in by_file.items():
-        with _open_safetensors(fname) as f:
-            present = set(f.keys())
-            for name in tensor_names:
-                if name not in present:
-                    raise CheckpointError(f"{fname}: tensor {name!r} listed in the index is absent")
-                try:
-                    yield name, f.get_tensor(name)
-                except Exception as e:
-                    raise CheckpointError(f"{fname}: cannot read tensor {name!r} ({e})") from None
+def _read_tensor(files: dict[str, str], name: str) -> np.ndarray:
+    """One tensor of the checkpoint (its file is opened, memory-mapped, for this read only)."""
+    fname = files[name]
+    with _open_safetensors(fname) as f:
+        if name not in set(f.keys()):
+            raise CheckpointError(f"{fname}: tensor {name!r} listed in the index is absent")
+        try:
+            return f.get_tensor(name)
+        except Exception as e:
+            raise CheckpointError(f"{fname}: cannot read tensor {name!r} ({e})") from None
 
 
 def _resolve_config(path: str, dtype: Any, param_dtype: Any,
@@ -212,11 +234,15 @@ def _check_names(path: str, config: ModelConfig, wanted: set[str], present: set[
             + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
 
 
-def _load_state(path: str, files: dict[str, str], table: dict[str, tuple[tuple[Any, ...], bool]],
-                names: set[str], abstract: nnx.Module, mesh: Mesh | None,
+def _load_state(path: str, files: dict[str, str], table: dict[str, Entry], names: set[str],
+                abstract: nnx.Module, mesh: Mesh | None,
                 rules: dict[str, Any] | None) -> tuple[nnx.GraphDef, dict, dict, dict | None]:
     """Read ``names`` (a subset of ``table``) into the params of ``abstract``, each placed into its
-    sharding; returns (graphdef, loaded flat state, abstract flat state, flat shardings or None)."""
+    sharding; returns (graphdef, loaded flat state, abstract flat state, flat shardings or None).
+
+    One param at a time: a stacked layer param's L tensors are read into one host buffer [L, ...],
+    cast, placed and dropped before the next param is read.
+    """
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None
     if mesh is not None:
@@ -226,24 +252,34 @@ def _load_state(path: str, files: dict[str, str], table: dict[str, tuple[tuple[A
     flat = dict(nnx.to_flat_state(abstract_state))
 
     loaded: dict[tuple[Any, ...], Any] = {}
-    for name, array in _read_tensors(files, names):
-        our_path, transpose = table[name]
+    for our_path, group in _by_param(table, names).items():
         var = flat[our_path]
         want = var.get_value()
-        expected = tuple(reversed(want.shape)) if transpose else tuple(want.shape)
-        if tuple(array.shape) != expected:
-            raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(array.shape)}, "
-                                  f"the model config expects {expected}")
-        if transpose:
-            array = array.T
-        array = np.ascontiguousarray(array.astype(want.dtype))
+        stacked = table[group[0]].layer is not None
+        host = np.empty(want.shape, want.dtype) if stacked else None
+        for name in group:
+            entry = table[name]
+            shape = want.shape[1:] if stacked else want.shape
+            expected = tuple(reversed(shape)) if entry.transpose else tuple(shape)
+            array = _read_tensor(files, name)
+            if tuple(array.shape) != expected:
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(array.shape)}, "
+                                      f"the model config expects {expected}")
+            if entry.transpose:
+                array = array.T
+            if stacked:
+                host[entry.layer] = array  # casts to the param dtype
+            else:
+                host = array.astype(want.dtype)
+            del array
+        host = np.ascontiguousarray(host)
         if shardings is not None:
             sharding = shardings[our_path].get_value()
-            value = jax.make_array_from_callback(array.shape, sharding, lambda idx, a=array: a[idx])
+            value = jax.make_array_from_callback(host.shape, sharding, lambda idx, a=host: a[idx])
         else:
-            value = jnp.asarray(array)
+            value = jnp.asarray(host)
         loaded[our_path] = var.replace(value)
-        del array
+        del host
     return graphdef, loaded, flat, shardings
 
 
@@ -342,7 +378,7 @@ def load_score_model(path: str | os.PathLike, *, seed: int = 0, head_std: float 
     if not is_classifier:
         std = float(head_std if head_std is not None else hf.get("initializer_range")
                     or DEFAULT_HEAD_STD)
-        head_path, _ = table["score.weight"]
+        head_path = table["score.weight"].path
         kernel = init_head_kernel(config, seed, std)
         if shardings is not None:
             kernel = jax.device_put(kernel, shardings[head_path].get_value())
@@ -426,9 +462,8 @@ def save_score_model(model: ScoreModel, path: str | os.PathLike, *, tokenizer: A
           tokenizer=tokenizer, dtype=dtype, max_shard_size=max_shard_size)
 
 
-def _save(model: nnx.Module, path: str, table: dict[str, tuple[tuple[Any, ...], bool]],
-          hf_config: dict[str, Any], *, tokenizer: Any, dtype: Any,
-          max_shard_size: int | str) -> None:
+def _save(model: nnx.Module, path: str, table: dict[str, Entry], hf_config: dict[str, Any], *,
+          tokenizer: Any, dtype: Any, max_shard_size: int | str) -> None:
     config: ModelConfig = model.config
     out_dtype = resolve_dtype(dtype) if dtype is not None else config.param_dtype
     limit = parse_size(max_shard_size)
@@ -438,6 +473,7 @@ def _save(model: nnx.Module, path: str, table: dict[str, tuple[tuple[Any, ...], 
               for path, m in adapter_modules(model).items()}
 
     def host_value(our_path: tuple[Any, ...]) -> np.ndarray:
+        """One param on the host; an adapted kernel merged (stacked [L, ...] ones whole)."""
         value = _host_array(flat[our_path].get_value())
         module = our_path[:-1]
         if our_path[-1] == "kernel" and module in scales:
@@ -446,15 +482,28 @@ def _save(model: nnx.Module, path: str, table: dict[str, tuple[tuple[Any, ...], 
                                   scales[module])
         return value
 
+    def tensor_shape(entry: Entry) -> tuple[int, ...]:
+        shape = tuple(flat[entry.path].get_value().shape)
+        return shape[1:] if entry.layer is not None else shape
+
+    host: dict[str, Any] = {"path": None, "array": None}  # the one param fetched to the host
+
+    def host_tensor(entry: Entry) -> np.ndarray:
+        if host["path"] != entry.path:
+            host["path"], host["array"] = entry.path, None
+            host["array"] = host_value(entry.path)
+        array = host["array"] if entry.layer is None else host["array"][entry.layer]
+        array = array.astype(out_dtype)
+        return np.ascontiguousarray(array.T if entry.transpose else array)
+
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = make_temp_dir(parent, ".export-")  # the umask's mode, not mkdtemp's 0700
     try:
         shards: list[list[str]] = [[]]
         sizes = [0]
-        for name, (our_path, _) in table.items():
-            value = flat[our_path].get_value()
-            nbytes = int(np.prod(value.shape)) * jnp.dtype(out_dtype).itemsize
+        for name, entry in table.items():
+            nbytes = int(np.prod(tensor_shape(entry))) * jnp.dtype(out_dtype).itemsize
             if shards[-1] and sizes[-1] + nbytes > limit:
                 shards.append([])
                 sizes.append(0)
@@ -466,13 +515,12 @@ def _save(model: nnx.Module, path: str, table: dict[str, tuple[tuple[Any, ...], 
             fname = SAFE_SINGLE if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
             tensors = {}
             for name in names:
-                our_path, transpose = table[name]
-                array = host_value(our_path).astype(out_dtype)
-                tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+                tensors[name] = host_tensor(table[name])
                 weight_map[name] = fname
             if jax.process_index() == 0:
                 save_file(tensors, os.path.join(tmp, fname), metadata={"format": "pt"})
             del tensors
+        host.clear()
         if jax.process_index() == 0:
             if n > 1:
                 with open(os.path.join(tmp, SAFE_INDEX), "w") as f:

@@ -13,9 +13,19 @@ adapter is a submodule ``lora`` of the linear layer holding two ``nnx.LoRAParam`
 
 **One place for the math.** :class:`LoraAdapter` is the only code that computes the adapter's
 contribution; the linear layer calls it. It works per layer on ``A`` [in, r] and ``B`` [r, out].
-When a decoder stores its layers stacked (params with a leading [L] axis, run under ``lax.scan``),
+The decoder stores its layers stacked (params with a leading [L] axis, run under ``lax.scan``):
 :func:`add_adapters` gives the adapters the same leading axis ([L, in, r], [L, r, out]) and the
 layer loop slices them with every other layer param, so the adapter sees [in, r] again.
+
+**Layer names.** A stacked linear layer (``model/layers/self_attn/q_proj``, kernel [L, in, out])
+stands for L layers with the names the unrolled decoder (and HF) gives them,
+``model/layers/{i}/self_attn/q_proj`` (:func:`layer_names`). ``targets`` regexes and ``paths`` are
+matched against the stacked path and against those per-layer names, so ``q_proj$`` adapts every
+layer and ``layers/(2[4-9]|3[0-5])/`` the last twelve. When only some layers of a stack are adapted,
+the adapter still has the whole [L] axis but the others' ``A`` and ``B`` are zero: they add
+nothing, get zero gradients (dA = x^T g B^T scale, dB = (x A)^T g scale), so no optimizer moves
+them, and the PEFT export writes only the adapted layers (the adapter's ``layers``, kept in the
+params' metadata as ``lora_layers`` so fresh values made from shapes alone zero them too).
 
 **Dropout** (``spec.dropout``) is active only inside :func:`dropout_rng` (the roles layer opens it
 around a train step's loss with that step's key); sampling, scoring and evaluation never drop.
@@ -125,15 +135,18 @@ class LoraAdapter(nnx.Module):
     """``scale * dropout(x) @ a @ b`` for one linear layer (a [.., in, r], b [.., r, out])."""
 
     def __init__(self, a: jax.Array, b: jax.Array, *, scale: float, dropout: float, uid: int,
-                 axes: tuple[Any, ...] | None):
+                 axes: tuple[Any, ...] | None, layers: tuple[int, ...] | None = None):
         lead = () if axes is None else tuple(axes[:-2])
         in_axis, out_axis = (None, None) if axes is None else axes[-2:]
         # The rank axis has its own logical name: sharded over 'fsdp' where the other axis is not
         # (sgalm_jax.sharding.LOGICAL_RULES), so adapters, their gradients and optimizer state
         # are split like the weights (ZeRO-3) rather than replicated.
-        self.a = nnx.LoRAParam(a, logical_axes=(*lead, in_axis, RANK_AXIS))
-        self.b = nnx.LoRAParam(b, logical_axes=(*lead, RANK_AXIS, out_axis))
+        meta = {} if layers is None else {"lora_layers": tuple(layers)}
+        self.a = nnx.LoRAParam(a, logical_axes=(*lead, in_axis, RANK_AXIS), **meta)
+        self.b = nnx.LoRAParam(b, logical_axes=(*lead, RANK_AXIS, out_axis), **meta)
         self.scale, self.dropout, self.uid = float(scale), float(dropout), int(uid)
+        # Adapted rows of a stacked adapter's leading axis (None: all); the others stay zero.
+        self.layers = None if layers is None else tuple(int(i) for i in layers)
 
     @property
     def rank(self) -> int:
@@ -150,12 +163,19 @@ class LoraAdapter(nnx.Module):
         return jnp.dot(h, self.b[...].astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
 
 
-def initial_a(path: str, shape: tuple[int, ...], seed: int, dtype: Any) -> jax.Array:
+def initial_a(path: str, shape: tuple[int, ...], seed: int, dtype: Any,
+              layers: tuple[int, ...] | None = None) -> jax.Array:
     """PEFT's A init (kaiming-uniform, a = sqrt(5): ``U(-1/sqrt(in), 1/sqrt(in))``), keyed by the
-    adapter's path and ``seed``: the same values eagerly, under jit, sharded or not."""
+    adapter's path and ``seed``: the same values eagerly, under jit, sharded or not. ``layers``:
+    the adapted rows of a stacked adapter's leading axis; the other rows are zero."""
     bound = 1.0 / math.sqrt(shape[-2])
     key = jax.random.fold_in(jax.random.key(seed), _path_id(path))
-    return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+    a = jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+    if layers is not None:
+        keep = np.zeros(shape[0], bool)
+        keep[list(layers)] = True
+        a = jnp.where(jnp.asarray(keep).reshape((-1,) + (1,) * (len(shape) - 1)), a, 0.0)
+    return a.astype(dtype)
 
 
 # ------------------------------------------------------------------------------------ applying
@@ -176,6 +196,37 @@ def linear_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return out
 
 
+def layer_names(path: str, lead: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+    """``[(name, index into the leading axes)]`` of the layers a linear layer ``path`` holds: the
+    path itself for an unstacked kernel, else one name per layer of a leading [L] axis after
+    ``layers`` (``model/layers/3/self_attn/q_proj``: the unrolled decoder's and HF's naming)."""
+    parts = path.split("/")
+    if not lead:
+        return [(path, ())]
+    if len(lead) != 1 or "layers" not in parts:
+        raise ConfigError(f"lora: cannot name the layers of {path} (stacked shape {lead}; "
+                          "expected one leading layer axis under 'layers')")
+    i = parts.index("layers") + 1
+    return [("/".join(parts[:i] + [str(k)] + parts[i:]), (k,)) for k in range(lead[0])]
+
+
+def _lead(module: nnx.Module) -> tuple[int, ...]:
+    return tuple(module.kernel.get_value().shape[:-2])
+
+
+def adapted_layer_names(model: nnx.Module) -> list[str]:
+    """Per-layer names (:func:`layer_names`) of every adapted layer, in graph order."""
+    out = []
+    for path, module in linear_modules(model):
+        lora = module.lora
+        if lora is None:
+            continue
+        for name, idx in layer_names(path, _lead(module)):
+            if lora.layers is None or (idx and idx[0] in lora.layers):
+                out.append(name)
+    return out
+
+
 def adapter_modules(model: nnx.Module) -> dict[str, LoraAdapter]:
     """``{linear layer path: its LoraAdapter}`` of every adapted layer."""
     return {p: m.lora for p, m in linear_modules(model) if m.lora is not None}
@@ -184,26 +235,46 @@ def adapter_modules(model: nnx.Module) -> dict[str, LoraAdapter]:
 def add_adapters(model: nnx.Module, spec: LoraSpec, *, seed: int = 0,
                  paths: list[str] | None = None) -> list[str]:
     """Give every linear layer whose path matches ``spec.targets`` (or exactly ``paths``) an
-    adapter, in place; returns the adapted paths. Works on real and abstract (``nnx.eval_shape``)
-    models; a kernel with leading (stacked-layer) axes gets adapters with the same axes. A regex
-    that matches no layer is a :class:`ConfigError` listing what there is."""
+    adapter, in place; returns the adapted layers' names (per layer, :func:`layer_names`). Works
+    on real and abstract (``nnx.eval_shape``) models; a kernel with leading (stacked-layer) axes
+    gets adapters with the same axes. Regexes and ``paths`` match a stacked layer's own path (all
+    its layers) or its per-layer names (those layers; see the module docstring). A regex that
+    matches no layer is a :class:`ConfigError` listing what there is."""
     layers = linear_modules(model)
     if paths is not None:
         wanted = set(paths)
-        chosen = [(p, m) for p, m in layers if p in wanted]
-        missing = sorted(wanted - {p for p, _ in chosen})
+        match = lambda name: name in wanted  # noqa: E731
+    else:
+        pattern = re.compile(spec.targets)
+        match = lambda name: pattern.search(name) is not None  # noqa: E731
+    chosen, seen = [], set()
+    for path, module in layers:
+        lead = _lead(module)
+        named = layer_names(path, lead)
+        if match(path):
+            rows, names = None, [n for n, _ in named]
+            seen.add(path)
+        else:
+            hits = [(n, idx) for n, idx in named if match(n)]
+            if not hits:
+                continue
+            rows = None if len(hits) == len(named) or not lead else tuple(i[0] for _, i in hits)
+            names = [n for n, _ in hits]
+        seen.update(names)
+        chosen.append((path, module, rows, names))
+    if paths is not None:
+        missing = sorted(set(paths) - seen)
         if missing:
             raise ConfigError(f"lora: the model has no linear layer {missing[0]!r}"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    else:
-        pattern = re.compile(spec.targets)
-        chosen = [(p, m) for p, m in layers if pattern.search(p)]
-        if not chosen:
-            names = sorted({p.rsplit("/", 1)[-1] for p, _ in layers})
-            raise ConfigError(f"lora.targets: {spec.targets!r} matches no linear layer; layer "
-                              f"paths look like {layers[0][0]!r} (names: {names}; heads "
-                              f"{list(HEAD_NAMES)} cannot be adapted)")
-    for path, module in chosen:
+    elif not chosen:
+        names = sorted({p.rsplit("/", 1)[-1] for p, _ in layers})
+        example = layer_names(layers[0][0], _lead(layers[0][1]))[0][0]
+        raise ConfigError(f"lora.targets: {spec.targets!r} matches no linear layer; layer "
+                          f"paths look like {example!r} (names: {names}; heads "
+                          f"{list(HEAD_NAMES)} cannot be adapted)")
+    out = []
+    for path, module, rows, names in chosen:
         if module.lora is not None:
             raise ConfigError(f"lora: {path} already has an adapter")
         kernel = module.kernel
@@ -214,12 +285,13 @@ def add_adapters(model: nnx.Module, spec: LoraSpec, *, seed: int = 0,
         if isinstance(value, jax.ShapeDtypeStruct):
             a, b = jax.ShapeDtypeStruct(a_shape, dtype), jax.ShapeDtypeStruct(b_shape, dtype)
         else:
-            a = initial_a(path + "/lora/a", a_shape, seed, dtype)
+            a = initial_a(path + "/lora/a", a_shape, seed, dtype, rows)
             b = jnp.zeros(b_shape, dtype)
         adapter = LoraAdapter(a, b, scale=spec.scale, dropout=spec.dropout, uid=_path_id(path),
-                              axes=kernel.get_metadata().get("logical_axes"))
+                              axes=kernel.get_metadata().get("logical_axes"), layers=rows)
         module.lora = nnx.data(adapter)
-    return [p for p, _ in chosen]
+        out += names
+    return out
 
 
 def init_adapters(abstract: nnx.State, seed: int, shardings: Any = None) -> nnx.State:
@@ -232,7 +304,8 @@ def init_adapters(abstract: nnx.State, seed: int, shardings: Any = None) -> nnx.
         for path, var in flat:
             value = var.get_value()
             if path[-1] == "a":
-                new = initial_a(_path_str(path), tuple(value.shape), seed, value.dtype)
+                new = initial_a(_path_str(path), tuple(value.shape), seed, value.dtype,
+                                var.get_metadata().get("lora_layers"))
             else:
                 new = jnp.zeros(value.shape, value.dtype)
             out.append((path, var.replace(new)))
@@ -299,7 +372,14 @@ def spec_of(model: nnx.Module) -> LoraSpec | None:
         raise ConfigError(f"lora: the model's adapters differ in (rank, scale, dropout): "
                           f"{sorted(kinds)}")
     rank, scale, dropout = kinds.pop()
-    names = sorted({re.escape(p) for p in adapters})
+    names = []  # a whole stack by its own path, a subset of its layers by their names
+    for path, module in linear_modules(model):
+        lora = module.lora
+        if lora is None:
+            continue
+        names += [path] if lora.layers is None else [
+            n for n, idx in layer_names(path, _lead(module)) if idx[0] in lora.layers]
+    names = sorted(re.escape(n) for n in names)
     return LoraSpec(rank=rank, alpha=scale * rank, dropout=dropout,
                     targets="^(" + "|".join(names) + ")$")
 
@@ -310,12 +390,14 @@ __all__ = [
     "LoraSpec",
     "TARGETS_ALL",
     "TARGETS_ATTENTION",
+    "adapted_layer_names",
     "adapter_modules",
     "add_adapters",
     "dropout_rng",
     "init_adapters",
     "initial_a",
     "is_adapter_path",
+    "layer_names",
     "layer_scope",
     "linear_modules",
     "merge_adapters",

@@ -39,6 +39,7 @@ from sgalm_jax.models.lora import (
     LoraSpec,
     adapter_modules,
     add_adapters,
+    layer_names,
     linear_modules,
     spec_of,
 )
@@ -58,14 +59,17 @@ def _as_path(path: str) -> tuple[Any, ...]:
 def hf_module_names(path: str, lead: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
     """``[(HF module name, index into the leading axes)]`` for our linear layer ``path``: one
     name, or one per layer for stacked weights (a leading [L] axis after ``layers``)."""
-    parts = path.split("/")
-    if not lead:
-        return [(".".join(parts), ())]
-    if len(lead) != 1 or "layers" not in parts:
-        raise CheckpointError(f"{path}: cannot name stacked weights of shape {lead} in PEFT's "
-                              "format (expected one leading layer axis under 'layers')")
-    i = parts.index("layers") + 1
-    return [(".".join(parts[:i] + [str(k)] + parts[i:]), (k,)) for k in range(lead[0])]
+    try:
+        return [(name.replace("/", "."), idx) for name, idx in layer_names(path, lead)]
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: cannot name its weights in PEFT's format ({e})") from None
+
+
+def _adapted_hf_names(path: str, module: nnx.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """The HF names (and stacked indices) of the layers of ``module`` its adapter adapts."""
+    rows = module.lora.layers
+    named = hf_module_names(path, tuple(module.kernel.get_value().shape[:-2]))
+    return named if rows is None else [(n, i) for n, i in named if i[0] in rows]
 
 
 def _host(x: Any) -> np.ndarray:
@@ -80,14 +84,13 @@ def _target_modules(model: nnx.Module, adapted: set[str]) -> list[str] | str:
     """PEFT's ``target_modules``: the layer names when every layer of those names is adapted,
     else a regex that PEFT full-matches against exactly the adapted module names."""
     layers = linear_modules(model)
-    names = {p.rsplit("/", 1)[-1] for p in adapted}
-    if {p for p, _ in layers if p.rsplit("/", 1)[-1] in names} == adapted:
+    every = [n for path, module in layers
+             for n, _ in hf_module_names(path, tuple(module.kernel.get_value().shape[:-2]))]
+    dotted = [n for path, module in layers if path in adapted
+              for n, _ in _adapted_hf_names(path, module)]
+    names = {n.rsplit(".", 1)[-1] for n in dotted}
+    if {n for n in every if n.rsplit(".", 1)[-1] in names} == set(dotted):
         return sorted(names)
-    dotted = []
-    for path, module in layers:
-        if path in adapted:
-            lead = tuple(module.kernel.get_value().shape[:-2])
-            dotted += [n for n, _ in hf_module_names(path, lead)]
     return "(" + "|".join(re.escape(n) for n in dotted) + ")"
 
 
@@ -107,9 +110,10 @@ def save_peft_adapter(model: nnx.Module, path: str | os.PathLike, *,
         raise CheckpointError(f"{path}: the model has no LoRA adapters to export")
     spec = spec_of(model)
     tensors: dict[str, np.ndarray] = {}
+    modules = dict(linear_modules(model))
     for mpath, adapter in adapters.items():
         a, b = _host(adapter.a.get_value()), _host(adapter.b.get_value())
-        for name, idx in hf_module_names(mpath, tuple(a.shape[:-2])):
+        for name, idx in _adapted_hf_names(mpath, modules[mpath]):
             tensors[f"{PREFIX}{name}.lora_A.weight"] = np.ascontiguousarray(a[idx].T)
             tensors[f"{PREFIX}{name}.lora_B.weight"] = np.ascontiguousarray(b[idx].T)
     scorer = isinstance(model, ScoreModel)
@@ -273,7 +277,8 @@ def read_peft_adapter(path: str | os.PathLike, model: nnx.Module) -> PeftAdapter
             values[kb] = np.zeros((*lead, rank, dout), dtype)
         values[ka][idx] = ab["A"].T
         values[kb][idx] = ab["B"].T
-    paths = sorted({names[n][0] for n in pairs})
+    # per-layer names (model/layers/1/self_attn/q_proj): add_adapters adapts exactly those layers
+    paths = sorted(n.replace(".", "/") for n in pairs)
     spec = dataclasses.replace(spec, targets="^(" + "|".join(map(re.escape, paths)) + ")$")
     return PeftAdapter(spec=spec, paths=paths, values=values, head=head, config=cfg)
 

@@ -18,11 +18,20 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sgalm_jax.models.attention import self_attention
 from sgalm_jax.models.config import ModelConfig
 from sgalm_jax.models.lora import layer_scope
+from sgalm_jax.models.partitioning import constrain
 from sgalm_jax.models.rope import apply_rotary, inverse_frequencies, rotary_cos_sin
 
 _INIT_STD = 0.02
+# Logical axes of the activations (pinned on a context mesh, see sgalm_jax.models.partitioning):
+# the batch is split over ('data', 'fsdp'), heads and MLP columns over 'tensor'.
+ACT_EMBED = ("batch", "length", "embed")
+ACT_MLP = ("batch", "length", "mlp")
+ACT_HEADS = ("batch", "length", "heads", "head_dim")
+ACT_KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+ACT_LOGITS = ("batch", "length", "vocab")
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -91,29 +100,79 @@ class KVCache:
     """Preallocated keys/values of every layer for incremental decoding.
 
     All rows of a (left-padded) batch write at the same slot ``index`` (an int32 scalar), or, when
-    ``index`` is an int32 vector [B], each row writes at its own slot (the continuous-batching engine
-    of ``sgalm_jax.sampling_engine``, whose rows are at different lengths); ``valid`` marks the slots
-    that hold real tokens, so padding never receives attention. Keys and values are stored heads-major,
-    [B, kv_heads, S, head_dim], the layout the decode attention's batched matmuls read directly (a
-    [B, S, kv_heads, head_dim] cache made XLA transpose the whole cache at every decode step).
+    ``index`` is an int32 vector [B], each row writes at its own slot (rows at different lengths, as
+    a continuous-batching engine keeps them); ``valid`` marks the slots that hold real tokens, so
+    padding never receives attention.
+
+    Layout: ``k`` and ``v`` are stacked over the layers, [L, B, kv_heads, S, head_dim]
+    (:meth:`init` makes them so): the scanned decoder carries the whole stack through its layer
+    scan and writes each step's new keys in place. Heads-major per layer, the layout the decode
+    attention's batched matmuls read directly (a [B, S, kv_heads, head_dim] cache made XLA transpose
+    the whole cache at every decode step). A tuple of L per-layer [B, kv_heads, S, head_dim] arrays
+    is accepted as well (the layers then run unrolled, and the returned cache is a tuple again).
     """
 
-    k: tuple[jax.Array, ...]  # per layer [B, kv_heads, S, head_dim]
-    v: tuple[jax.Array, ...]
+    k: jax.Array | tuple[jax.Array, ...]  # [L, B, kv_heads, S, head_dim] (or L x [B, KV, S, D])
+    v: jax.Array | tuple[jax.Array, ...]
     valid: jax.Array  # [B, S] bool
     index: jax.Array  # int32 scalar, or [B]: next slot to write (shared or per row)
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
         dtype = dtype or config.dtype
-        shape = (batch, config.num_key_value_heads, length, config.head_dim)
-        zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
-        return cls(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers)),
+        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length,
+                 config.head_dim)
+        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
 
     @property
     def length(self) -> int:
         return self.valid.shape[1]
+
+    @property
+    def stacked(self) -> bool:
+        """True for the [L, B, KV, S, D] layout, False for a tuple of per-layer arrays."""
+        return not isinstance(self.k, (tuple, list))
+
+
+@dataclasses.dataclass
+class _LayerKV:
+    """One layer's view of the cache inside the layer loop: writes the new keys/values in place.
+
+    ``k``/``v``: the whole stack [L, B, KV, S, D] with ``layer`` the index to use (traced inside a
+    scan), or one layer's [B, KV, S, D] arrays with ``layer=None``.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array | int | None
+    index: jax.Array
+
+    def write(self, k_new: jax.Array, v_new: jax.Array) -> "_LayerKV":
+        """Store k_new, v_new [B, T, KV, D] at slots ``index`` (.. + T) of this layer."""
+        b, t = k_new.shape[:2]
+        lead = () if self.layer is None else (self.layer,)
+
+        def one(cache, new):
+            new = new.astype(cache.dtype)
+            if jnp.ndim(self.index) == 0:  # one write slot for the whole batch
+                new = new.transpose(0, 2, 1, 3)  # [B, KV, T, D]
+                if self.layer is not None:
+                    new = new[None]
+                start = (*lead, 0, 0, self.index, 0)
+                return jax.lax.dynamic_update_slice(cache, new, start)
+            # row i writes its t tokens at slots index[i] ..; [B, T] indices pick [B, T, KV, D]
+            rows, cols = jnp.arange(b)[:, None], self.index[:, None] + jnp.arange(t)[None, :]
+            return cache.at[(*lead, rows, slice(None), cols, slice(None))].set(new, mode="drop")
+
+        return dataclasses.replace(self, k=one(self.k, k_new), v=one(self.v, v_new))
+
+    def read(self) -> tuple[jax.Array, jax.Array]:
+        """This layer's keys and values [B, KV, S, D]."""
+        if self.layer is None:
+            return self.k, self.v
+        take = lambda a: jax.lax.dynamic_index_in_dim(a, self.layer, 0, keepdims=False)  # noqa
+        return take(self.k), take(self.v)
 
 
 def _cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -160,8 +219,9 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
         self.num_heads, self.num_kv_heads, self.head_dim = (
             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        self.sliding_window, self.impl = c.sliding_window, c.attention
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
+    def __call__(self, x, cos, sin, mask, segments, kv: _LayerKV | None = None):
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -169,23 +229,16 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        new_kv = None
-        if cache_kv is not None:
-            ck, cv = cache_kv  # [B, kv_heads, S, head_dim]
-            if jnp.ndim(index) == 0:  # one write slot for the whole batch
-                k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-                ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, 0, index, 0))
-                cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, 0, index, 0))
-            else:  # row i writes its t tokens at slots index[i] ..; [B, T] indices pick [B, T, KV, D]
-                rows, cols = jnp.arange(b)[:, None], index[:, None] + jnp.arange(t)[None, :]
-                ck = ck.at[rows, :, cols, :].set(k.astype(ck.dtype), mode="drop")
-                cv = cv.at[rows, :, cols, :].set(v.astype(cv.dtype), mode="drop")
-            new_kv = (ck, cv)
-            out = _cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask,
-                                    self.head_dim ** -0.5)
+        q, k, v = constrain(q, ACT_HEADS), constrain(k, ACT_KV_HEADS), constrain(v, ACT_KV_HEADS)
+        scale = self.head_dim ** -0.5
+        if kv is not None:
+            kv = kv.write(k, v)
+            ck, cv = kv.read()  # [B, kv_heads, S, head_dim]
+            out = _cached_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, scale)
         else:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=self.head_dim ** -0.5)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), new_kv
+            out = self_attention(q, k, v, mask=mask, segments=segments, scale=scale,
+                                 sliding_window=self.sliding_window, requested=self.impl)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), kv
 
 
 class MLP(nnx.Module):
@@ -201,7 +254,8 @@ class MLP(nnx.Module):
                                 use_bias=c.mlp_bias, config=c, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(constrain(h, ACT_MLP))
 
 
 class DecoderLayer(nnx.Module):
@@ -214,11 +268,36 @@ class DecoderLayer(nnx.Module):
                                                 config=config)
         self.mlp = MLP(config, rngs)
 
-    def __call__(self, x, cos, sin, mask, cache_kv=None, index=None):
-        h, new_kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_kv, index)
+    def __call__(self, x, cos, sin, mask, segments, kv=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, segments, kv)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, new_kv
+        return constrain(x, ACT_EMBED), kv
+
+
+LAYER_AXIS = "layers"  # logical name of the stacked layers' leading axis (never sharded)
+
+
+def stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """One :class:`DecoderLayer` whose every param has a leading [num_hidden_layers] axis.
+
+    Each layer is initialised from its own split of ``rngs``; the params' logical axes get
+    :data:`LAYER_AXIS` in front.
+    """
+    n = config.num_hidden_layers
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(axis_size=n)
+    def make(r: nnx.Rngs) -> DecoderLayer:
+        return DecoderLayer(config, r)
+
+    layers = make(rngs)
+    for _, node in nnx.iter_graph(layers):
+        if isinstance(node, nnx.Variable):
+            axes = node.get_metadata().get("logical_axes")
+            if axes is not None:
+                node.set_metadata(logical_axes=(LAYER_AXIS, *axes))
+    return layers
 
 
 _REMAT_POLICIES: dict[str, Callable | None] = {
@@ -235,12 +314,19 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 
 class DecoderModel(nnx.Module):
-    """The transformer body (HF's ``model``): embeddings, layers, final norm; returns hidden states."""
+    """The transformer body (HF's ``model``): embeddings, layers, final norm; returns hidden states.
+
+    ``layers`` is one :class:`DecoderLayer` over stacked weights ([L, ...] params, see
+    :func:`stacked_layers`). With ``config.scan_layers`` (the default) the forward is one
+    ``lax.scan`` over them, so tracing and compiling cost the same for 4 layers as for 36; with
+    ``scan_layers=False`` a Python loop slices layer ``i``'s weights (the same params and
+    checkpoints, an unrolled program). Remat (``config.remat``) wraps each layer's step.
+    """
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         self.config = config
         self.embed_tokens = Embedding(config, rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs) for _ in range(config.num_hidden_layers)])
+        self.layers = stacked_layers(config, rngs)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, config=config)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
@@ -275,24 +361,67 @@ class DecoderModel(nnx.Module):
             mask = mask & (segments[:, :, None] == segments[:, None, :])
         mask = mask[:, None, :, :]  # [B, 1, T, S]
 
-        x = self.embed_tokens(input_ids)
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
-            index = None if cache is None else cache.index
-            with layer_scope(i):  # LoRA dropout masks differ per layer (a no-op without dropout)
-                if self.config.remat != "none" and cache is None:
-                    policy = _REMAT_POLICIES[self.config.remat]
-                    x, _ = nnx.remat(lambda l, *a: l(*a), policy=policy)(layer, x, cos, sin, mask)
-                else:
-                    x, new_kv = layer(x, cos, sin, mask, kv, index)
-                    if new_kv is not None:
-                        new_k.append(new_kv[0])
-                        new_v.append(new_kv[1])
+        x = constrain(self.embed_tokens(input_ids), ACT_EMBED)
+        x, cache_kv = self._run_layers(x, cos, sin, mask, segments, cache)
         x = self.norm(x)
         if cache is None:
             return x, None
-        return x, KVCache(k=tuple(new_k), v=tuple(new_v), valid=key_valid, index=cache.index + t)
+        k, v = cache_kv
+        return x, KVCache(k=k, v=v, valid=key_valid, index=cache.index + t)
+
+    def _run_layers(self, x, cos, sin, mask, segments, cache: KVCache | None):
+        """The layer stack: scanned or unrolled; returns (x, (k, v) of the cache or None)."""
+        cfg = self.config
+        n = cfg.num_hidden_layers
+        graphdef, params = nnx.split(self.layers)
+
+        def layer_step(i, p, x, kv):
+            # LoRA dropout masks differ per layer: the (traced, under scan) index is folded into
+            # the dropout key (a no-op without dropout).
+            with layer_scope(i):
+                return nnx.merge(graphdef, p)(x, cos, sin, mask, segments, kv)
+
+        if cfg.remat != "none" and cache is None:
+            layer_step = jax.checkpoint(layer_step, policy=_REMAT_POLICIES[cfg.remat],
+                                        prevent_cse=not cfg.scan_layers)
+        index = None if cache is None else cache.index
+
+        if cache is not None and not cache.stacked:  # per-layer arrays: always unrolled
+            ks, vs = [], []
+            for i in range(n):
+                p = jax.tree.map(lambda a, i=i: a[i], params)
+                x, kv = layer_step(i, p, x, _LayerKV(cache.k[i], cache.v[i], None, index))
+                ks.append(kv.k)
+                vs.append(kv.v)
+            return x, (tuple(ks), tuple(vs))
+
+        if not cfg.scan_layers:
+            k_all, v_all = (None, None) if cache is None else (cache.k, cache.v)
+            for i in range(n):
+                p = jax.tree.map(lambda a, i=i: a[i], params)
+                kv = None if cache is None else _LayerKV(k_all, v_all, i, index)
+                x, kv = layer_step(i, p, x, kv)
+                if kv is not None:
+                    k_all, v_all = kv.k, kv.v
+            return x, (None if cache is None else (k_all, v_all))
+
+        if cache is None:
+            def body(x, xs):
+                i, p = xs
+                return layer_step(i, p, x, None)[0], None
+
+            x, _ = jax.lax.scan(body, x, (jnp.arange(n), params))
+            return x, None
+
+        def body_cached(carry, xs):
+            x, k_all, v_all = carry
+            i, p = xs
+            x, kv = layer_step(i, p, x, _LayerKV(k_all, v_all, i, index))
+            return (x, kv.k, kv.v), None
+
+        (x, k_all, v_all), _ = jax.lax.scan(body_cached, (x, cache.k, cache.v),
+                                            (jnp.arange(n), params))
+        return x, (k_all, v_all)
 
 
 class CausalLM(nnx.Module):
@@ -310,9 +439,10 @@ class CausalLM(nnx.Module):
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """Float32 logits [B, T, vocab] from final hidden states."""
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
-        return jnp.einsum("btd,dv->btv", hidden, self.lm_head.kernel[...].astype(hidden.dtype),
-                          preferred_element_type=jnp.float32)
+            return constrain(self.model.embed_tokens.attend(hidden), ACT_LOGITS)
+        return constrain(jnp.einsum("btd,dv->btv", hidden,
+                                    self.lm_head.kernel[...].astype(hidden.dtype),
+                                    preferred_element_type=jnp.float32), ACT_LOGITS)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                  positions: jax.Array | None = None, cache: KVCache | None = None):

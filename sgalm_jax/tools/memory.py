@@ -5,12 +5,14 @@
 
 ``--devices``: the device count the mesh is resolved for (default 1). ``--arch``: a preset of
 :data:`sgalm_jax.config.MODEL_PRESETS` giving the model's shapes when ``model.path`` is not a
-checkpoint here (default: ``model.path``'s config.json, else ``model.init``). See
+checkpoint here (default: ``model.path``'s config.json, else ``model.init``, else the config's
+``model.architecture``). See
 :mod:`sgalm_jax.training.memory` for what is exact and what is estimated.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Sequence
 
@@ -33,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = parse_config(rest)
         config.unlock()
+        if not arch and not config.model.init and not os.path.isfile(
+                os.path.join(config.model.path or "", "config.json")):
+            arch = config.model.architecture  # the shape a config names for its checkpoint
         if arch:
             config.model.path, config.model.init = "", arch
         mcfg = model_config(config.model)

@@ -30,7 +30,8 @@ def _plain(d: Any) -> dict[str, Any]:
 def model_config(model_cfg: Any) -> ModelConfig:
     """The :class:`ModelConfig` of ``config.model`` (reads config.json for ``model.path``)."""
     overrides = dict(dtype=model_cfg.dtype, param_dtype=model_cfg.param_dtype,
-                     remat=model_cfg.remat)
+                     remat=model_cfg.remat, scan_layers=bool(model_cfg.scan_layers),
+                     attention=model_cfg.attention)
     if model_cfg.path:
         if not os.path.exists(os.path.join(model_cfg.path, "config.json")):
             raise ConfigError(f"model.path: no config.json in {model_cfg.path!r}")
@@ -78,5 +79,6 @@ def build_model(model_cfg: Any, *, mesh: Mesh | None, seed: int = 0) -> CausalLM
     config = model_config(model_cfg)
     if model_cfg.path:
         return load_pretrained(model_cfg.path, dtype=config.dtype, param_dtype=config.param_dtype,
-                               mesh=mesh, remat=config.remat)
+                               mesh=mesh, remat=config.remat, scan_layers=config.scan_layers,
+                               attention=config.attention)
     return init_model(config, mesh=mesh, seed=seed)

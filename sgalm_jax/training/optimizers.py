@@ -78,7 +78,10 @@ def _is_leaf(x: Any) -> bool:
 
 
 def param_paths(params: Any) -> Any:
-    """A tree like ``params`` whose leaves are ``'model/layers/0/mlp/up_proj/kernel'`` strings."""
+    """A tree like ``params`` whose leaves are ``'model/layers/mlp/up_proj/kernel'`` strings.
+
+    The decoder's layers are stacked ([L, ...] params), so one path names a tensor of every layer.
+    """
 
     def name(path: tuple) -> str:
         parts = []
@@ -92,6 +95,22 @@ def param_paths(params: Any) -> Any:
         return "/".join(parts)
 
     return jax.tree_util.tree_map_with_path(lambda p, _: name(p), params)
+
+
+def _no_decay(path: str) -> bool:
+    """A bias or a norm's scale (``.../input_layernorm/weight``, ``.../q_norm/weight``)."""
+    parts = path.split("/")
+    return parts[-1] == "bias" or (parts[-1] == "weight" and len(parts) > 1
+                                   and "norm" in parts[-2])
+
+
+def _decay_mask(params: Any) -> Any:
+    """AdamW's weight-decay mask: matrices (rank >= 2) except biases and norm scales.
+
+    Names as well as rank: the stacked layers' norm scales and biases are [L, D] matrices too.
+    """
+    return jax.tree.map(lambda x, p: x.ndim >= 2 and not _no_decay(p), params,
+                        param_paths(params))
 
 
 def trainable_mask(params: Any, freeze: str = "") -> Any:
@@ -121,7 +140,7 @@ def make_optimizer(opt: Any, *, num_steps: int, params: Any = None
                              warmup_steps=opt.warmup_steps, decay_steps=opt.decay_steps,
                              end_lr_factor=opt.end_lr_factor, num_steps=num_steps)
     if opt.name == "adamw":
-        decay_mask = (lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))  # no decay on norms/biases
+        decay_mask = _decay_mask  # no decay on norms/biases
         tx = optax.adamw(schedule, b1=opt.b1, b2=opt.b2, eps=opt.eps,
                          weight_decay=opt.weight_decay, mask=decay_mask)
     elif opt.name == "rmsprop":

@@ -276,10 +276,16 @@ class Role:
         """Run train step ``name`` on ``batch``; this role's state becomes the new one (the old
         buffers are donated). Returns the step's metrics (on device)."""
         self._require_learner("train steps")
+        self.state, metrics = self.steps[name](*self.step_args(batch, *extra))
+        return metrics
+
+    def step_args(self, batch: Any, *extra: Any) -> tuple[Any, ...]:
+        """The arguments :meth:`step` calls a jitted step with: the state, ``batch``, the base's
+        part (a role on a base) and ``extra``. With abstract roles
+        (:meth:`Roles.build_abstract`) and an abstract batch: what ``--compile-only`` lowers."""
         if self.base is not None:
             extra = (self._base_part(), *extra)
-        self.state, metrics = self.steps[name](self.state, batch, *extra)
-        return metrics
+        return (self.state, batch, *extra)
 
     # ---------------------------------------------------------------- checkpoint pieces
     def checkpoint_state(self) -> dict[str, Any]:
@@ -536,6 +542,17 @@ class Roles:
                 role.initialize(resuming=only is None)
         log.info("restored roles %s from %s at step %d", sorted(target), ckpt.directory, step)
         return meta
+
+    def build_abstract(self) -> None:
+        """Give every role abstract params and state (``jax.ShapeDtypeStruct`` leaves with their
+        shardings) instead of values: nothing is read or allocated, and :meth:`Role.add_step`,
+        :attr:`Role.params` and the shardings work as after :meth:`build`. What ``--compile-only``
+        (:mod:`sgalm_jax.compile_only`) lowers a run's steps with; needs a mesh."""
+        if self.mesh is None:
+            raise ValueError("Roles.build_abstract needs a mesh (the shardings of the state)")
+        for role in self._roles.values():
+            if role.kind != VIEW:
+                role.install_restored(role.restore_target())
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The pytree one checkpoint holds: every saved role's state, by name."""

@@ -22,7 +22,9 @@ The step:
    gradient norm is NaN/inf (metric ``skipped`` = 1), like ``optax.apply_if_finite``; the loop's
    :class:`~sgalm_jax.training.finite.FiniteGuard` reports it (``train.nonfinite = "skip"``).
 
-It is jitted with explicit ``in_shardings``/``out_shardings`` and donates the state.
+It is jitted with explicit ``in_shardings``/``out_shardings``, donates the state, and runs with
+the mesh as JAX's context mesh (:func:`sgalm_jax.sharding.jit_on_mesh`), so the model pins its
+activations to their shardings (batch over ``('data', 'fsdp')``) and can run Pallas kernels.
 """
 
 from __future__ import annotations
@@ -171,8 +173,9 @@ def make_train_step(
                                rng=jax.random.key_data(rng))
         return new_state, metrics
 
-    return jax.jit(
+    return sh.jit_on_mesh(
         step,
+        mesh,
         in_shardings=(state_shardings, batch_shardings, *extra_shardings),
         out_shardings=(state_shardings, repl),
         donate_argnums=(0,) if donate else (),

@@ -71,8 +71,10 @@ def test_zero_initialised_adapters_leave_logits_equal_to_the_base(hf_model_dir):
     assert len(paths) == 2 * 7  # every projection of both layers, no head
     assert not any("lm_head" in p for p in paths)
     np.testing.assert_array_equal(logits(model), base)  # B = 0: exactly the base
-    a = np.asarray(L.adapter_modules(model)["model/layers/0/mlp/down_proj"].a[...])
-    assert a.shape == (128, 4) and 0 < np.abs(a).max() <= 1 / np.sqrt(128)  # PEFT's A init
+    # stacked layers: one adapter [L, in, r] per projection, A drawn for every layer
+    a = np.asarray(L.adapter_modules(model)["model/layers/mlp/down_proj"].a[...])
+    assert a.shape == (2, 128, 4) and 0 < np.abs(a).max() <= 1 / np.sqrt(128)  # PEFT's A init
+    assert "model/layers/1/mlp/down_proj" in paths  # per-layer names, as HF's
     # init_adapters (jitted, from shapes) draws the same values as the eager path
     abstract = nnx.eval_shape(lambda: _adapted(model.config, L.LoraSpec(rank=4)))
     fresh = L.init_adapters(L.split_adapters(nnx.state(abstract, nnx.Param))[0], seed=1)
@@ -91,8 +93,12 @@ def test_base_part_is_the_plain_model_and_targets_select_by_regex(hf_model_dir):
     model = load_pretrained(hf_model_dir("qwen2"))
     plain_graph, plain = nnx.split(model, nnx.Param)
     L.add_adapters(model, L.LoraSpec(rank=2, targets=r"layers/1/self_attn/(q|v)_proj$"))
-    assert sorted(L.adapter_modules(model)) == ["model/layers/1/self_attn/q_proj",
-                                                 "model/layers/1/self_attn/v_proj"]
+    assert L.adapted_layer_names(model) == ["model/layers/1/self_attn/q_proj",
+                                            "model/layers/1/self_attn/v_proj"]
+    # a subset of a stack: the adapter spans [L] with layer 0's A and B zero (adds nothing)
+    q = L.adapter_modules(model)["model/layers/self_attn/q_proj"]
+    assert q.layers == (1,) and not np.any(np.asarray(q.a[...])[0])
+    assert np.any(np.asarray(q.a[...])[1])
     adapters, base = L.split_adapters(nnx.state(model, nnx.Param))
     # "adapters off": the base part merges into the plain graph and is the original model
     assert jax.tree.structure(base) == jax.tree.structure(plain)
@@ -221,14 +227,16 @@ def test_peft_adapter_imports_with_subset_targets_and_rslora(hf_model_dir, tmp_p
 
     model = load_pretrained(path)
     spec = load_peft_adapter(model, tmp_path / "peft")
-    assert sorted(L.adapter_modules(model)) == ["model/layers/1/mlp/down_proj",
-                                                 "model/layers/1/self_attn/q_proj"]
+    assert sorted(L.adapted_layer_names(model)) == ["model/layers/1/mlp/down_proj",
+                                                     "model/layers/1/self_attn/q_proj"]
     assert spec.rank == 4 and spec.rslora and abs(spec.scale - 3.0) < 1e-12
     assert rel_err(logits(model), ref) <= REL_TOL
     # and back out: PEFT loads our export of it (target_modules as an exact-name regex)
     save_peft_adapter(model, tmp_path / "again")
     assert isinstance(json.loads((tmp_path / "again" / "adapter_config.json").read_text())
                       ["target_modules"], str)
+    with open(tmp_path / "again" / "adapter_model.safetensors", "rb") as f:  # layer 1 only
+        assert b"layers.0." not in f.read(4096)
     hf2 = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
     again = peft.PeftModel.from_pretrained(hf2, tmp_path / "again").eval()
     assert rel_err(hf_logits(again), ref) <= REL_TOL

@@ -104,7 +104,7 @@ def test_bf16_compute_with_fp32_params(hf_model_dir):
     path = hf_model_dir("qwen2")
     fp32 = load_pretrained(path)
     mixed = load_pretrained(path, dtype="bfloat16", param_dtype="float32")
-    assert mixed.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.float32
+    assert mixed.model.layers.mlp.up_proj.kernel[...].dtype == jnp.float32
     ids, mask = _left_padded_batch(1000)
     out = our_logits(mixed, ids, mask)
     assert out.dtype == jnp.float32

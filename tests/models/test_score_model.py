@@ -169,7 +169,8 @@ def test_load_onto_mesh_shards_body_and_head(hf_scorer_dir, hf_model_dir):
     sharded = load_score_model(path, mesh=mesh)
     P = jax.sharding.PartitionSpec
     assert sharded.score.kernel[...].sharding.spec == P("fsdp", None)
-    assert sharded.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+    assert sharded.model.layers.self_attn.q_proj.kernel[...].sharding.spec == P(None, "fsdp",
+                                                                                 "tensor")
     ids, mask = padded_batch("right")
     np.testing.assert_allclose(our_scores(sharded, ids, mask),
                                our_scores(load_score_model(path), ids, mask), rtol=1e-5)
@@ -182,9 +183,9 @@ def test_load_onto_mesh_shards_body_and_head(hf_scorer_dir, hf_model_dir):
     lm = load_pretrained(hf_model_dir("qwen2"), mesh=mesh)
     made = score_model_from_causal_lm(lm, seed=1)
     assert made.score.kernel[...].sharding.spec == P("fsdp", None)
-    q = made.model.layers[0].self_attn.q_proj.kernel[...]
-    assert q.sharding.spec == P("fsdp", "tensor")
-    assert q is not lm.model.layers[0].self_attn.q_proj.kernel[...]
+    q = made.model.layers.self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q is not lm.model.layers.self_attn.q_proj.kernel[...]
     np.testing.assert_array_equal(our_scores(made, ids, mask), our_scores(fresh, ids, mask))
 
 

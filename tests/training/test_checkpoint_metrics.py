@@ -56,9 +56,9 @@ def test_save_restore_reshards_and_keeps_last_k(tmp_path, host_params):
     restored = TrainState.from_dict(restored)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    q = restored.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
+    q = restored.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"][...]  # [L, ...]
     assert q.sharding.mesh.shape == mesh_b.shape and q.sharding.spec == jax.sharding.PartitionSpec(
-        "fsdp", "tensor")
+        None, "fsdp", "tensor")
     np.testing.assert_array_equal(restored.rng, jax.random.key_data(jax.random.key(3)))
 
 

@@ -135,12 +135,12 @@ def test_trainable_mask_and_paths(tiny_config, host_params):
     _, params = host_params
     paths = jax.tree.leaves(param_paths(params))
     assert "model/embed_tokens/embedding" in paths
-    assert "model/layers/0/self_attn/q_proj/kernel" in paths
-    mask = trainable_mask(params, r"embed_tokens|layers/0/")
+    assert "model/layers/self_attn/q_proj/kernel" in paths  # stacked: one path for all layers
+    mask = trainable_mask(params, r"embed_tokens|layers/mlp/")
     flat = dict(zip(paths, jax.tree.leaves(mask)))
     assert not flat["model/embed_tokens/embedding"]
-    assert not flat["model/layers/0/mlp/up_proj/kernel"]
-    assert flat["model/layers/1/mlp/up_proj/kernel"]
+    assert not flat["model/layers/mlp/up_proj/kernel"]
+    assert flat["model/layers/self_attn/q_proj/kernel"]
     with pytest.raises(ConfigError, match="optimizer.freeze"):
         trainable_mask(params, "no_such_param")
     with pytest.raises(ConfigError, match="optimizer.freeze"):

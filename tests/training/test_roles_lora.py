@@ -203,7 +203,7 @@ def test_lora_dropout_follows_the_step_key(host_params, make_batch, tiny_config)
 
 
 def _nonzero_b(state):
-    return jax.tree.map(lambda x: x + 0.01 if x.ndim == 2 and not x.any() else x, state)
+    return jax.tree.map(lambda x: x + 0.01 if x.ndim >= 2 and not x.any() else x, state)
 
 
 def test_base_declaration_errors(host_params, tiny_config):
@@ -232,7 +232,8 @@ def test_lora_setup_declares_base_adapters_and_a_scorer_with_its_head(tmp_path, 
     path = hf_model_dir("qwen2")
     start = load_pretrained(path)
     L.add_adapters(start, L.LoraSpec(rank=2, alpha=4.0, targets="v_proj$"), seed=3)
-    start.model.layers[1].self_attn.v_proj.lora.b.set_value(jnp.full((2, 32), 0.1))
+    v_lora = start.model.layers.self_attn.v_proj.lora  # stacked: [L, in, r], [L, r, out]
+    v_lora.b.set_value(v_lora.b.get_value().at[1].set(0.1))
     save_peft_adapter(start, tmp_path / "adapter")
 
     config = base_config()
@@ -248,11 +249,11 @@ def test_lora_setup_declares_base_adapters_and_a_scorer_with_its_head(tmp_path, 
     roles.build()
     base = dict(nnx.to_flat_state(roles["base"].params))
     assert all(v.get_value().dtype == jnp.bfloat16 for v in base.values())
-    assert len(_leaf_paths(roles["policy"].own_params)) == 2 * 7 * 2  # rank 8 on 7 projections
+    assert len(_leaf_paths(roles["policy"].own_params)) == 7 * 2  # rank 8 on 7 stacked projections
     d_own = _np(roles["discriminator"].own_params)
     np.testing.assert_array_equal(d_own["score/kernel"],
                                   np.asarray(init_head_kernel(lora.model_config, 5)))
-    assert d_own["model/layers/0/self_attn/q_proj/lora/b"].shape == (8, 64)
+    assert d_own["model/layers/self_attn/q_proj/lora/b"].shape == (2, 8, 64)
 
     config.lora.adapter_path = str(tmp_path / "adapter")  # start from a PEFT adapter
     lora = LoraSetup(config, None, model_config(config.model))
@@ -262,8 +263,8 @@ def test_lora_setup_declares_base_adapters_and_a_scorer_with_its_head(tmp_path, 
     lora.learner(roles, "policy", optax.sgd(1.0), seed=0)
     roles.build()
     own = _np(roles["policy"].own_params)
-    assert sorted(own) == [f"model/layers/{i}/self_attn/v_proj/lora/{p}" for i in (0, 1)
-                           for p in ("a", "b")]
-    np.testing.assert_allclose(own["model/layers/1/self_attn/v_proj/lora/b"], 0.1)
-    np.testing.assert_allclose(own["model/layers/0/self_attn/v_proj/lora/a"],
-                               np.asarray(start.model.layers[0].self_attn.v_proj.lora.a[...]))
+    assert sorted(own) == [f"model/layers/self_attn/v_proj/lora/{p}" for p in ("a", "b")]
+    np.testing.assert_allclose(own["model/layers/self_attn/v_proj/lora/b"][1], 0.1)
+    np.testing.assert_allclose(own["model/layers/self_attn/v_proj/lora/b"][0], 0.0)
+    np.testing.assert_allclose(own["model/layers/self_attn/v_proj/lora/a"],
+                               np.asarray(v_lora.a[...]))

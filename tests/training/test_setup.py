@@ -65,10 +65,10 @@ def test_init_model_is_sharded_and_mesh_independent(tiny_config, host_params):
     mesh = sh.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded = init_model(tiny_config, mesh=mesh, seed=0)
     _, plain = host_params  # init_model(tiny_config, mesh=None, seed=0): one device
-    k = sharded.model.layers[0].mlp.gate_proj.kernel[...]
-    assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    k = sharded.model.layers.mlp.gate_proj.kernel[...]  # stacked [L, hidden, mlp]
+    assert k.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     np.testing.assert_array_equal(
-        np.asarray(k), plain["model"]["layers"][0]["mlp"]["gate_proj"]["kernel"][...])
+        np.asarray(k), plain["model"]["layers"]["mlp"]["gate_proj"]["kernel"][...])
 
 
 def test_multi_host_launch_detection():

@@ -96,13 +96,13 @@ def test_sft_step_on_222_mesh_equals_one_device(host_params, make_batch):
     assert not np.allclose(p8["model"]["norm"]["weight"][...], 1.0)  # the steps moved the params
 
     # Really sharded: FSDP over `fsdp`, heads/MLP over `tensor`, optimizer state alike.
-    q = s8.params["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-    assert q.sharding.spec == P("fsdp", "tensor")
-    assert q.addressable_shards[0].data.shape == (q.shape[0] // 2, q.shape[1] // 2)
+    q = s8.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"][...]  # stacked [L, ...]
+    assert q.sharding.spec == P(None, "fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (q.shape[0], q.shape[1] // 2, q.shape[2] // 2)
     emb = s8.params["model"]["embed_tokens"]["embedding"][...]
     assert emb.sharding.spec == P("tensor", "fsdp")
-    trace = s8.opt_state[1][0].trace["model"]["layers"][0]["mlp"]["up_proj"]["kernel"][...]
-    assert trace.sharding.spec == P("fsdp", "tensor")
+    trace = s8.opt_state[1][0].trace["model"]["layers"]["mlp"]["up_proj"]["kernel"][...]
+    assert trace.sharding.spec == P(None, "fsdp", "tensor")
     assert trace.addressable_shards[0].data.size == trace.size // 4
 
 
