@@ -247,11 +247,11 @@ def test_host_local_equals_global_and_simulated_hosts(qwen2, cont, sharded):
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
     local = host_local_params(state, sampler.host_local_mesh())
-    q = local["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"].get_value()
-    assert isinstance(q.sharding, NamedSharding) and q.sharding.spec == P(None, "tensor")
+    q = local["model"]["layers"]["self_attn"]["q_proj"]["kernel"].get_value()  # stacked [L, ...]
+    assert isinstance(q.sharding, NamedSharding) and q.sharding.spec == P(None, None, "tensor")
     assert q.sharding.mesh.shape == {"data": 4, "fsdp": 1, "tensor": 2}
     np.testing.assert_array_equal(
-        np.asarray(q), np.asarray(state["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
+        np.asarray(q), np.asarray(state["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
                                   .get_value()))
 
     # Three "hosts" in turn, each sampling its share on its own copy: the same rows, in order.
