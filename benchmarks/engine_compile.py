@@ -3,10 +3,10 @@
     python benchmarks/engine_compile.py --layers 2 12
 
 A Qwen2-shaped tiny model (hidden 64, 4 heads / 2 KV heads, vocab 1000) with ``--layers`` layers,
-scanned (the default) or unrolled (``--unroll``). One engine call (8 prompts of 3-15 tokens, up to 12
-new tokens, 4 slots, greedy; the tail shrinks to 2 and 1 slots) compiles every engine program; the
-script prints the summed XLA compile time of those programs (JAX's compile events), the number of
-programs, and the wall time of the first (compiling) and second (cached) call. Each layer count runs
+scanned (the default) or unrolled (``--unroll``). One engine call (8 prompts of 3-15 tokens, up to
+12 new tokens, 4 slots, greedy; the tail shrinks to 2 and 1 slots) compiles every engine program;
+the script prints the summed XLA compile time of those programs (JAX's compile events), the number
+of programs, and the wall time of the first (compiling) and second (cached) call. Each layer count runs
 in this process one after another; the peer is depth against depth (the same call at 2 layers).
 """
 
@@ -60,7 +60,8 @@ def main(argv=None) -> None:
     p.add_argument("--unroll", action="store_true", help="model.scan_layers=False")
     args = p.parse_args(argv)
     jax.monitoring.register_event_duration_secs_listener(_listen)
-    print("| layers | scan | programs | XLA compile s (engine call) | first call s | second call s |")
+    print("| layers | scan | programs | XLA compile s (engine call) | first call s "
+          "| second call s |")
     print("|---|---|---|---|---|---|")
     for n in args.layers:
         r = measure(n, not args.unroll)

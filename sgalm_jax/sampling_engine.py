@@ -17,8 +17,7 @@ Programs (``ContinuousEngine.num_compilations`` counts them):
   their keys/values and last-position logits. With ``num_samples = n`` each stashed prompt feeds
   ``n`` rows, so the prompt is run once, not once per sample.
 * ``insert``: copies stash rows into free slots (a scatter over the slot axis, axis 1 of the
-  stacked cache), samples each row's
-  first token and resets the slot's counters.
+  stacked cache), samples each row's first token and resets the slot's counters.
 * ``decode``: a ``lax.while_loop`` over decode steps of all slots (every slot at its own position and
   cache write index). It returns to the host when every slot has stopped, or when enough slots are
   free to be worth a refill (``refill_min``) while rows are still waiting, or, with none waiting,
