@@ -6,8 +6,9 @@ A Qwen2-shaped tiny model (hidden 64, 4 heads / 2 KV heads, vocab 1000) with ``-
 scanned (the default) or unrolled (``--unroll``). One engine call (8 prompts of 3-15 tokens, up to
 12 new tokens, 4 slots, greedy; the tail shrinks to 2 and 1 slots) compiles every engine program;
 the script prints the summed XLA compile time of those programs (JAX's compile events), the number
-of programs, and the wall time of the first (compiling) and second (cached) call. Each layer count runs
-in this process one after another; the peer is depth against depth (the same call at 2 layers).
+of programs, and the wall time of the first (compiling) and second (cached) call. Each layer count
+runs in this process one after another; the peer is depth against depth (the same call at 2
+layers).
 """
 
 from __future__ import annotations
