@@ -298,6 +298,25 @@ def test_lora_adapters_are_in_the_sampled_model(hf_model_dir, qwen2, cont):
     assert not np.array_equal(got.tokens, base.tokens)
 
 
+# ------------------------------------------------------------------------------ unrolled layers
+def test_unrolled_model_gives_the_scanned_rows(qwen2, cont):
+    """The same params with ``scan_layers=False`` (its layers unrolled over the same stacked
+    [L, slots, ...] cache) sample the rows of the scanned model, schedule and shrinking included."""
+    import dataclasses
+
+    model, _, state = qwen2
+    config = dataclasses.replace(model.config, scan_layers=False)
+    unrolled = nnx.graphdef(nnx.eval_shape(lambda: CausalLM(config, rngs=nnx.Rngs(0))))
+    prompts, limits = _workload(n=6, seed=5)
+    kw = dict(max_new_tokens=limits, rng=jax.random.key(2), **SAMPLED)
+    sampler = Sampler(unrolled, config, engine="continuous", num_slots=SLOTS)
+    got = sampler.generate(state, prompts, **kw)
+    want = cont.generate(state, prompts, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    assert len(sampler.continuous_engine.last_run["slot_sizes"]) > 1  # compact ran
+
+
 # ------------------------------------------------------------------------------- the options
 def test_engine_choice_and_invalid_arguments(qwen2):
     model, graphdef, state = qwen2
