@@ -121,10 +121,16 @@ _SCHEMA: dict[str, Any] = {
     "distributed": {
         "mode": ("auto", "multi-host JAX: auto (initialise when launched on several hosts), "
                          "on, off"),
-        "coordinator_address": ("", "host:port of process 0; '' = detected from the "
-                                    "environment (TPU VM, SLURM, JAX_COORDINATOR_ADDRESS)"),
-        "num_processes": (-1, "number of processes; -1 = detected"),
-        "process_id": (-1, "this process's index; -1 = detected"),
+        "coordinator_address": ("", "host:port of process 0; '' = $JAX_COORDINATOR_ADDRESS, or "
+                                    "detected (TPU VM, SLURM, Open MPI)"),
+        "num_processes": (-1, "number of processes; -1 = $JAX_NUM_PROCESSES, or detected"),
+        "process_id": (-1, "this process's index; -1 = $JAX_PROCESS_ID, or detected"),
+        "coordinator_bind_address": ("", "host:port process 0's coordinator listens on; '' = "
+                                         "$JAX_COORDINATOR_BIND_ADDRESS, else loopback for a "
+                                         "loopback coordinator_address, else every interface"),
+        "local_device_ids": ("", "comma-separated ids of the devices this process drives; '' = "
+                                 "$JAX_LOCAL_DEVICE_IDS, or all (SLURM: one GPU per task)"),
+        "initialization_timeout": (300, "seconds to wait for every process to join"),
     },
     "optimizer": {
         "name": ("adamw", "adamw, rmsprop (torch-style: sqrt(v) + eps, no momentum by "

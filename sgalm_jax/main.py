@@ -184,12 +184,21 @@ def run_in_workdir(config: Any, algorithm: Any, workdir: str) -> Any:
     import jax
 
     from sgalm_jax.config import save_config
+    from sgalm_jax.errors import WorkdirError
+    from sgalm_jax.training.multihost import broadcast_from_main
     from sgalm_jax.training.workdir import WorkdirLock, check_workdir
 
-    lock = None
+    lock, error = None, None
     if jax.process_index() == 0:
-        check_workdir(workdir)
-        lock = WorkdirLock(workdir).acquire()
+        try:
+            check_workdir(workdir)
+            lock = WorkdirLock(workdir).acquire()
+        except WorkdirError as e:
+            error = e
+    # Every process stops with process 0 (the others would wait for it in their first collective).
+    if not broadcast_from_main(error is None):
+        raise error or WorkdirError(f"{workdir}: process 0 cannot use the run directory (see its "
+                                    "error)")
     try:
         if lock is not None:
             save_config(config, os.path.join(workdir, "config.json"))

@@ -46,7 +46,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.models.config import ModelConfig, resolve_dtype
 from sgalm_jax.models.transformer import CausalLM, KVCache, positions_from_mask
-from sgalm_jax.sharding import BATCH_AXES, LOGICAL_RULES, data_parallel_size, logical_to_spec
+from sgalm_jax.sharding import (
+    BATCH_AXES,
+    LOGICAL_RULES,
+    data_parallel_size,
+    logical_to_spec,
+    to_host,
+)
 
 log = logging.getLogger(__name__)
 
@@ -503,8 +509,9 @@ class Sampler:
         ds = prefill(state, ids, mask, key, temp, p)
         out = decode(state, ds, temp, p)
         del ds  # donated
-        tokens, logprobs, lengths, done = jax.device_get((out.tokens, out.logprobs, out.lengths,
-                                                          out.done))
+        # Batch-sharded over every host's devices: gathered so each process gets every row.
+        tokens, logprobs, lengths, done = to_host((out.tokens, out.logprobs, out.lengths,
+                                                   out.done))
         n = b * num_samples
         return tokens[:n], logprobs[:n], lengths[:n], done[:n]
 

@@ -197,6 +197,36 @@ def shardings_like_params(tree: Any, params: Any, param_shardings: Any, mesh: Me
     return jax.tree_util.tree_map_with_path(one, tree)
 
 
+def to_host(tree: Any) -> Any:
+    """Numpy copies of every array leaf of ``tree``, complete on every process.
+
+    ``jax.device_get`` can only read the shards of this process's devices, so on several hosts it
+    fails for a batch-sharded global array (the sampler's tokens, a scorer's per-row results). Here
+    an array this process holds entirely (one host, or replicated) is read locally, and the others
+    are all-gathered in one collective (``multihost_utils.process_allgather``), which every process
+    must call with the same tree, as with any collective. One process: exactly ``jax.device_get``.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    out: list[Any] = list(leaves)
+    remote = []
+    for i, x in enumerate(leaves):
+        if not isinstance(x, jax.Array):
+            out[i] = np.asarray(x)
+        elif x.is_fully_addressable:
+            out[i] = np.asarray(jax.device_get(x))
+        elif x.sharding.is_fully_replicated:
+            out[i] = np.asarray(x.addressable_data(0))
+        else:
+            remote.append(i)
+    if remote:
+        from jax.experimental import multihost_utils
+
+        gathered = multihost_utils.process_allgather([leaves[i] for i in remote], tiled=True)
+        for i, g in zip(remote, gathered):
+            out[i] = np.asarray(g)
+    return jax.tree.unflatten(treedef, out)
+
+
 def global_batch_from_local(local: Any, mesh: Mesh) -> Any:
     """Assemble global batch arrays from this host's rows (leading dim) of each leaf.
 

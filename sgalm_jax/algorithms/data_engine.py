@@ -53,6 +53,7 @@ from sgalm_jax.algorithms import sgalm as _sgalm  # noqa: F401 (its section: sga
 from sgalm_jax.config import register_section, to_dict
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.evaluation.rouge import RougeFilter
+from sgalm_jax.training import multihost as mh
 
 log = logging.getLogger(__name__)
 
@@ -303,7 +304,7 @@ def train_and_evaluate(config: Any, workdir: str, records: str, n_records: int
         "train.num_steps": steps, "checkpoint.export": True})
     sft.validate(sft_cfg)
     export = os.path.join(workdir, "export")
-    if not os.path.exists(os.path.join(export, "config.json")):
+    if not mh.exists(os.path.join(export, "config.json")):
         sft.run(sft_cfg, workdir)
     eval_cfg = _sub(sft_cfg, algorithm="eval", **{"model.path": export, "model.init": "",
                                                   "model.hf_config": {},
@@ -337,7 +338,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     for method in methods:
         path = os.path.join(synth_dir, f"{method}.jsonl")
         gen = None
-        if os.path.exists(path):
+        if mh.exists(path):  # process 0's view: every process takes the same branch
             samples = load_samples(path)
             log.info("%s: reusing %d samples from %s", method, len(samples), path)
         else:
@@ -377,7 +378,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                 log.warning("%s k=%d: only %d usable samples of %d", method, k, len(chosen), want)
             data = (real_pairs + chosen) if de.mix_real else chosen
             rec_path = os.path.join(synth_dir, f"{method}_k{k}.jsonl")
-            write_records(rec_path, data)
+            mh.write_once(write_records, rec_path, data, name=f"records_{method}_{k}")
             res = train_and_evaluate(config, os.path.join(workdir, "students", f"{method}_k{k}"),
                                      rec_path, len(data))
             rows.append({"method": method, "k": k, "synthetic": len(chosen), **counts,
@@ -385,7 +386,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             log.info("%s k=%d: %s", method, k, _headline(res["eval"]))
     if de.baseline_real_only and real_pairs is not None:
         rec_path = os.path.join(synth_dir, "real_only.jsonl")
-        write_records(rec_path, real_pairs)
+        mh.write_once(write_records, rec_path, real_pairs, name="records_real_only")
         res = train_and_evaluate(config, os.path.join(workdir, "students", "real_only"), rec_path,
                                  len(real_pairs))
         rows.insert(0, {"method": "real only", "k": 0, "synthetic": 0, **res})
@@ -395,7 +396,8 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             f.write(table + "\n")
         with open(os.path.join(workdir, "results.json"), "w") as f:
             json.dump(rows, f, indent=2, default=str)
-    print(table)
+    if jax.process_index() == 0:
+        print(table)
     log.info("data engine finished in %.0fs", time.perf_counter() - start)
     return {"rows": rows, "table": table}
 

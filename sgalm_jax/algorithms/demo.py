@@ -39,6 +39,7 @@ import numpy as np
 
 from sgalm_jax.algorithms import base_config
 from sgalm_jax.config import DEFAULTS, get, save_config, to_dict
+from sgalm_jax.training import multihost as mh
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +117,16 @@ def build_tokenizer(config: Any, path: str) -> Any:
     """Phase 1: a 512-token byte-level BPE trained on the task's train texts and the prompts."""
     from transformers import AutoTokenizer
 
+    if mh.exists(os.path.join(path, "tokenizer.json")):
+        return AutoTokenizer.from_pretrained(path)
+    mh.write_once(_train_tokenizer, config, path, name="demo_tokenizer")  # process 0 trains it
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _train_tokenizer(config: Any, path: str) -> None:
     from sgalm_jax.data import SGALMTemplates, get_task
     from sgalm_jax.training.tokenizer import build_tiny_tokenizer
 
-    if os.path.exists(os.path.join(path, "tokenizer.json")):
-        return AutoTokenizer.from_pretrained(path)
     task = get_task(config.data.task, **to_dict(config.sgalm.task_options))
     t = SGALMTemplates()
     corpus = [task.sample_text(e) for e in task.load("train")]
@@ -132,17 +138,20 @@ def build_tokenizer(config: Any, path: str) -> Any:
     tmp = path + ".tmp"
     tok.save_pretrained(tmp)
     os.replace(tmp, path)
-    return AutoTokenizer.from_pretrained(path)
 
 
 def pretrain_records(config: Any, path: str, n: int) -> None:
     """Generator-format SFT records: a k-shot generator prompt of real samples followed by one
     more real sample (the loss covers the whole text, so every sample in it teaches)."""
+    if mh.exists(path):
+        return
+    mh.write_once(_write_pretrain_records, config, path, n, name="demo_records")
+
+
+def _write_pretrain_records(config: Any, path: str, n: int) -> None:
     from sgalm_jax.data import SGALMTemplates, get_task
     from sgalm_jax.data.prompts import sgalm_generator_prompt
 
-    if os.path.exists(path):
-        return
     task = get_task(config.data.task, **to_dict(config.sgalm.task_options))
     texts = [task.sample_text(e) for e in task.load("train")]
     k = int(config.sgalm.num_shots)
@@ -274,7 +283,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     pre_cfg = _sft_config(config, pre_dir, model_path="", tokenizer=tok_dir, data=records,
                           steps=int(config.train.num_steps), pretrain=True)
     sft.validate(pre_cfg)
-    if not os.path.exists(os.path.join(pre_dir, "export", "config.json")):
+    if not mh.exists(os.path.join(pre_dir, "export", "config.json")):
         sft.run(pre_cfg, pre_dir)
     pre_model = os.path.join(pre_dir, "export")
 
@@ -287,7 +296,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     steps_d, steps_g = sgalm.active_steps(sg_cfg)
     rounds = int(sg_cfg.sgalm.rounds_per_iteration) or sgalm.SGALM(sg_cfg, sg_dir).rounds
     num_updates = int(sg_cfg.sgalm.iterations) * rounds * (steps_d + steps_g)
-    if not os.path.exists(os.path.join(sg_dir, "export", "config.json")):
+    if not mh.exists(os.path.join(sg_dir, "export", "config.json")):
         sgalm.run(sg_cfg, sg_dir)
 
     phase(f"4/5 baseline: plain SFT from the same pre-trained model for the same {num_updates} "
@@ -296,7 +305,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     ft_cfg = _sft_config(config, ft_dir, model_path=pre_model, tokenizer=tok_dir, data=records,
                          steps=num_updates, pretrain=False)
     sft.validate(ft_cfg)
-    if not os.path.exists(os.path.join(ft_dir, "export", "config.json")):
+    if not mh.exists(os.path.join(ft_dir, "export", "config.json")):
         sft.run(ft_cfg, ft_dir)
 
     phase("5/5 comparison: the same prompts and seed for every model")

@@ -314,7 +314,8 @@ class LogprobPass:
         out = []
         for start in range(0, len(rows["input_ids"]), self.rows):
             chunk = {k: rows[k][start:start + self.rows] for k in keys}
-            out.append(np.asarray(jax.device_get(self._fn(params, to_global(chunk, self.mesh)))))
+            # Batch-sharded over every host's devices: gathered so each process gets every row.
+            out.append(sh.to_host(self._fn(params, to_global(chunk, self.mesh))))
         return np.concatenate(out)
 
 
@@ -590,7 +591,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
                     "resume", u, ckpt.directory)
         return {**last, "preempted": True, "step": u}
     out = {**last, "preempted": False, "step": u}
-    if config.checkpoint.export and algo.is_main:
+    if config.checkpoint.export:  # every process: the export gathers the sharded weights
         from sgalm_jax.models import save_pretrained
 
         export_dir = os.path.join(workdir, "export")

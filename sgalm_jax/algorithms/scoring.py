@@ -161,7 +161,7 @@ class SequenceScorer:
             arrays = (ids, attn, mask)
             if sharding is not None:
                 arrays = tuple(jax.device_put(a, sharding) for a in arrays)
-            total, count, greedy = jax.device_get(self._fn(params, *arrays))
+            total, count, greedy = sh.to_host(self._fn(params, *arrays))  # all hosts' rows
             self.forwards += 1
             k = len(idx)
             out.logprob_sum[idx] = total[:k]

@@ -55,6 +55,7 @@ from sgalm_jax.algorithms.selfplay_data import (
 from sgalm_jax.config import FREE_FORM, register_section
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
+from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import setup_run
 from sgalm_jax.training import (
@@ -435,7 +436,7 @@ class _Run:
         None when preempted during generation."""
         path = os.path.join(self.iter_dir(t), "data.npz")
         n, k = len(self.data), self.config.selfplay.num_samples
-        if os.path.exists(path):
+        if mh.exists(path):  # process 0's view, so that every process takes the same branch
             data = IterationData.load(path)
             if data.meta.get("fingerprint") != self.fingerprint or data.num_samples != k:
                 raise ConfigError(f"{path}: stored for other prompts or another num_samples; use a "
@@ -450,7 +451,7 @@ class _Run:
         gb = sp.generation_batch_size
         for c, start in enumerate(range(0, n, gb)):
             chunk_path = os.path.join(self.iter_dir(t), f"gen_{c:05d}.npz")
-            if os.path.exists(chunk_path):
+            if mh.exists(chunk_path):
                 with np.load(chunk_path) as z:
                     tok, ln, fin = z["tokens"], z["lengths"], z["finished"]
             else:
@@ -509,8 +510,8 @@ class _Run:
         data.meta = self.iteration_stats(t, data, prev, lengths, finished)
         data.meta.update(fingerprint=self.fingerprint, gen_seconds=round(gen_seconds, 3),
                          ref_seconds=round(ref_seconds, 3), ref_sequences=len(seqs))
+        mh.write_once(data.save, path, name=f"selfplay_data_{t}")  # the next iteration reads it
         if self.is_main:
-            data.save(path)
             self.write_samples(t, syn)
         data.meta["fresh"] = True
         return data
@@ -576,7 +577,7 @@ class _Run:
         from sgalm_jax.algorithms.eval import flat_metrics
 
         out = os.path.join(self.workdir, "eval", tag)
-        if os.path.exists(os.path.join(out, "results.json")):
+        if mh.exists(os.path.join(out, "results.json")):
             return
         t0 = time.time()
         results = self.evaluator().evaluate(params, out_dir=out)
@@ -586,9 +587,11 @@ class _Run:
         self.event("eval", tag=tag, step=step)
 
     def maybe_export(self, path: str, params: Any) -> None:
+        """Export ``params`` to ``path`` unless done. Every process calls it: the export gathers
+        the sharded weights (a collective); only process 0 writes."""
         from sgalm_jax.models import save_pretrained
 
-        if os.path.exists(os.path.join(path, "config.json")):
+        if mh.exists(os.path.join(path, "config.json")):
             return
         model = merge_model(self.graphdef, params)
         if self.lora is not None:  # the adapters first: the merged export marks completion
@@ -686,7 +689,7 @@ class _Run:
             writer.flush()
         out = {**last, "preempted": False, "step": total,
                "reference_passes": dict(REFERENCE_PASSES)}
-        if config.checkpoint.export and self.is_main:
+        if config.checkpoint.export:
             export = os.path.join(self.workdir, "export")
             self.maybe_export(export, policy.params)
             out["export"] = export
@@ -695,7 +698,7 @@ class _Run:
     def after_iteration(self, t: int, params: Any, writer: MetricsWriter) -> None:
         """The per-iteration hooks (idempotent: skipped when their files exist)."""
         step = self.offsets[t + 1]
-        if self.config.selfplay.export_iterations and self.is_main:
+        if self.config.selfplay.export_iterations:
             self.maybe_export(os.path.join(self.workdir, "iterations", f"iter_{t:03d}"), params)
         if self.eval_due(t):
             self.maybe_evaluate(f"iter_{t:03d}", params, step, writer)

@@ -46,7 +46,14 @@ from sgalm_jax.training import (
     train_state_shardings,
     trainable_mask,
 )
-from sgalm_jax.training.batching import BatchSource, TokenizedExample, truncate
+from sgalm_jax.training import multihost as mh
+from sgalm_jax.training.batching import (
+    BatchSource,
+    LazyExamples,
+    TokenizedExample,
+    host_share,
+    truncate,
+)
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
@@ -123,8 +130,14 @@ def load_records(config: Any) -> list[tuple[str, str]]:
 
 
 def encode(pairs: list[tuple[str, str]], tokenizer: Any, data_cfg: Any, *, eos_id: int,
-           vocab_size: int) -> list[TokenizedExample]:
-    """Tokenize (prompt, response) pairs; the loss mask covers the response and its eos."""
+           vocab_size: int | None) -> list[TokenizedExample]:
+    """Tokenize (prompt, response) pairs; the loss mask covers the response and its eos.
+
+    ``vocab_size``: raise ConfigError for a token id outside the model's vocabulary (None: no
+    check, the caller checks).
+    """
+    if not pairs:
+        return []
     if data_cfg.chat_template:
         from sgalm_jax.data.prompts import ensure_chat_template, render_chat
 
@@ -147,11 +160,47 @@ def encode(pairs: list[tuple[str, str]], tokenizer: Any, data_cfg: Any, *, eos_i
         ids = np.asarray(p + r, np.int32)
         mask = np.concatenate([np.zeros(len(p), np.float32), np.ones(len(r), np.float32)])
         out.append(TokenizedExample(ids, mask))
-    top = max(int(e.input_ids.max()) for e in out)
+    if vocab_size is not None:
+        check_vocab(max(int(e.input_ids.max()) for e in out), vocab_size)
+    return out
+
+
+def check_vocab(top: int, vocab_size: int) -> None:
     if top >= vocab_size:
         raise ConfigError(f"tokenizer.path: token id {top} is outside the model's vocabulary "
                           f"({vocab_size}); the tokenizer does not match the model")
-    return out
+
+
+def host_examples(pairs: list[tuple[str, str]], tokenizer: Any, config: Any, *, eos_id: int,
+                  vocab_size: int) -> tuple[LazyExamples, np.ndarray]:
+    """This host's view of the tokenized training set: ``(examples, lengths of all of them)``.
+
+    Every host reads all records (cheap, and a broken record fails on every host alike) but
+    tokenizes only its :func:`~sgalm_jax.training.batching.host_share` up front: in padding mode
+    exactly the examples of its rows in the first epoch. The hosts then exchange the lengths (and
+    the largest token id, so a tokenizer / model mismatch fails everywhere at once): batch shapes
+    and packing need every length, the token ids only this host's rows. Later epochs tokenize
+    their new rows on first use. One process tokenizes everything, as before.
+    """
+    d = config.data
+    n = len(pairs)
+
+    def encode_some(indices: list[int]) -> list[TokenizedExample]:
+        return encode([pairs[i] for i in indices], tokenizer, d, eos_id=eos_id, vocab_size=None)
+
+    share = host_share(n, batch_size=config.train.batch_size, seed=config.seed,
+                       shuffle=d.shuffle, packing=d.packing, process_index=jax.process_index(),
+                       process_count=jax.process_count())
+    local = encode_some([int(i) for i in share])
+    table = np.zeros(n + 1, np.int32)  # lengths of this host's share, then its largest token id
+    for i, ex in zip(share, local):
+        table[i] = len(ex)
+    table[n] = max((int(e.input_ids.max()) for e in local), default=0)
+    everyone = mh.allgather(table)
+    check_vocab(int(everyone[:, n].max()), vocab_size)
+    lengths = everyone[:, :n].astype(np.int64).sum(axis=0)  # each tokenized by exactly one host
+    examples = LazyExamples(n, encode_some, cache={int(i): ex for i, ex in zip(share, local)})
+    return examples, lengths
 
 
 # ------------------------------------------------------------------------------------ loss
@@ -183,11 +232,11 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """Train; returns the last logged metrics (and ``preempted`` / ``export`` entries)."""
     setup = setup_run(config, workdir)
     mesh, tokenizer, mcfg, eos = setup.mesh, setup.tokenizer, setup.model_config, setup.eos_id
-    examples = encode(load_records(config), tokenizer, config.data, eos_id=eos,
-                      vocab_size=mcfg.vocab_size)
-    log.info("%d training examples; mean length %.1f tokens", len(examples),
-             float(np.mean([len(e) for e in examples])))
-    source = BatchSource(examples, batch_size=config.train.batch_size,
+    examples, lengths = host_examples(load_records(config), tokenizer, config, eos_id=eos,
+                                      vocab_size=mcfg.vocab_size)
+    log.info("%d training examples; mean length %.1f tokens; this host tokenized %d of them",
+             len(examples), float(np.mean(lengths)), examples.num_encoded)
+    source = BatchSource(examples, lengths=lengths, batch_size=config.train.batch_size,
                          max_length=config.data.max_length, seed=config.seed,
                          shuffle=config.data.shuffle, packing=config.data.packing,
                          min_bucket=config.data.min_bucket, pad_id=setup.pad_id)

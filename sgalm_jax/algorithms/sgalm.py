@@ -78,6 +78,7 @@ from sgalm_jax.training import (
     split_model,
     trainable_mask,
 )
+from sgalm_jax.training import multihost as mh
 from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import setup_run, tokenizer_source
@@ -333,7 +334,7 @@ class DScorer:
             batch = pad_rows([rows[i] for i in idx], bucket=self.bucket, pad_id=self.pad_id,
                              num_rows=self.batch_size)
             z = self._fn(params, to_global(batch, self.mesh))
-            out[idx] = np.asarray(jax.device_get(z))[:len(idx)]
+            out[idx] = sh.to_host(z)[:len(idx)]  # every host's rows
         return out
 
 
@@ -623,7 +624,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             bar_keys=("d_loss", "d_acc", "g_loss")) as writer:
         while t < iterations and not preempted:
             path = samples_path(workdir, t)
-            resumed = os.path.exists(path)
+            resumed = mh.exists(path)  # process 0's view: every process takes one branch
             if resumed:
                 samples = load_samples(path)
                 log.info("iteration %d: reusing the %d samples of %s", t, len(samples), path)

@@ -56,12 +56,19 @@ def write_results(
 ) -> dict[str, str]:
     """Write the summary (metrics) and the per-example records; returns their paths.
 
-    Files are written to a temporary name and renamed, so a crash never leaves half a summary.
+    Files are written to a temporary name and renamed, so a crash never leaves half a summary. In
+    a multi-host run only process 0 writes (every process computed the same results); the others
+    return the paths.
     """
     d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
     summary = d / f"{name}_summary.json"
     examples = d / f"{name}_examples.jsonl"
+    paths = {"summary": str(summary), "examples": str(examples)}
+    from sgalm_jax.training.multihost import is_main  # (lazy: this package needs no jax otherwise)
+
+    if not is_main():
+        return paths
+    d.mkdir(parents=True, exist_ok=True)
     tmp = examples.with_suffix(".jsonl.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for r in records:
@@ -70,7 +77,7 @@ def write_results(
     tmp = summary.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(_jsonable(dict(metrics)), indent=2, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, summary)
-    return {"summary": str(summary), "examples": str(examples)}
+    return paths
 
 
 def mean(xs: Sequence[float]) -> float:

@@ -22,7 +22,7 @@ attend to each other (the model masks attention across segments).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -59,15 +59,91 @@ def bucket_length(n: int, min_bucket: int, max_length: int) -> int:
     return min(b, int(max_length))
 
 
-class BatchSource:
-    """Global batch ``index`` -> dict of ``[batch_size, T]`` numpy arrays (see module doc)."""
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
+    """The order in which epoch ``epoch`` visits ``n`` examples (seeded by ``(seed, epoch)``)."""
+    if not shuffle:
+        return np.arange(n)
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
-    def __init__(self, examples: Sequence[TokenizedExample], *, batch_size: int, max_length: int,
-                 seed: int = 0, shuffle: bool = True, packing: bool = False, min_bucket: int = 32,
-                 pad_id: int = 0):
-        if not examples:
+
+def host_share(n: int, *, batch_size: int, seed: int, shuffle: bool, packing: bool,
+               process_index: int, process_count: int) -> np.ndarray:
+    """The example indices a host tokenizes up front, so that the hosts of a multi-host run split
+    the tokenization: together they cover each of the ``n`` examples exactly once.
+
+    Padding mode: the examples of this host's rows in epoch 0 (so a one-epoch run never tokenizes
+    anything else), plus every ``process_count``-th of the epoch's dropped remainder. Packing,
+    whose rows depend on every length: every ``process_count``-th example. One process: all.
+    """
+    if process_count == 1:
+        return np.arange(n)
+    if packing:
+        return np.arange(process_index, n, process_count)
+    order = epoch_order(n, seed, 0, shuffle)
+    per = batch_size // process_count
+    full = (n // batch_size) * batch_size
+    batches = order[:full].reshape(-1, batch_size)
+    mine = batches[:, process_index * per:(process_index + 1) * per].reshape(-1)
+    return np.concatenate([mine, order[full:][process_index::process_count]])
+
+
+class LazyExamples:
+    """A sequence of :class:`TokenizedExample` tokenized on first use (and kept).
+
+    ``encode_fn(indices) -> examples`` tokenizes a list of example indices in one call;
+    ``cache`` holds examples already tokenized (e.g. this host's :func:`host_share`). A
+    :class:`BatchSource` over it (with the lengths of every example given separately) only ever
+    asks for the rows this host assembles, so each host tokenizes only what it trains on.
+    """
+
+    def __init__(self, n: int, encode_fn: Callable[[list[int]], Sequence[TokenizedExample]],
+                 cache: dict[int, TokenizedExample] | None = None):
+        self.n = int(n)
+        self.encode_fn = encode_fn
+        self.cache: dict[int, TokenizedExample] = dict(cache or {})
+
+    def __len__(self) -> int:
+        return self.n
+
+    def fetch(self, indices: Sequence[int]) -> None:
+        """Tokenize those of ``indices`` not seen yet, in one ``encode_fn`` call."""
+        missing = [int(i) for i in dict.fromkeys(int(i) for i in indices) if int(i) not in self.cache]
+        if missing:
+            for i, ex in zip(missing, self.encode_fn(missing)):
+                self.cache[i] = ex
+
+    def __getitem__(self, i: int) -> TokenizedExample:
+        i = int(i)
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        self.fetch([i])
+        return self.cache[i]
+
+    @property
+    def num_encoded(self) -> int:
+        """How many examples this host has tokenized so far."""
+        return len(self.cache)
+
+
+class BatchSource:
+    """Global batch ``index`` -> dict of ``[batch_size, T]`` numpy arrays (see module doc).
+
+    ``examples`` is a list of :class:`TokenizedExample`, or a :class:`LazyExamples` together with
+    ``lengths`` (every example's length: shapes and packing depend on all of them, the token ids
+    only on this host's rows).
+    """
+
+    def __init__(self, examples: Sequence[TokenizedExample] | LazyExamples, *, batch_size: int,
+                 max_length: int, seed: int = 0, shuffle: bool = True, packing: bool = False,
+                 min_bucket: int = 32, pad_id: int = 0, lengths: Sequence[int] | None = None):
+        if not len(examples):
             raise ValueError("BatchSource: no examples")
-        self.examples = list(examples)
+        self.examples: Any = examples if isinstance(examples, LazyExamples) else list(examples)
+        self.lengths = np.asarray([len(e) for e in self.examples] if lengths is None else lengths,
+                                  np.int64)
+        if len(self.lengths) != len(self.examples):
+            raise ValueError(f"BatchSource: {len(self.lengths)} lengths for "
+                             f"{len(self.examples)} examples")
         self.batch_size = int(batch_size)
         self.max_length = int(max_length)
         self.seed = int(seed)
@@ -82,10 +158,7 @@ class BatchSource:
 
     # ------------------------------------------------------------------ epoch layout
     def _order(self, epoch: int) -> np.ndarray:
-        n = len(self.examples)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, epoch]).permutation(n)
+        return epoch_order(len(self.examples), self.seed, epoch, self.shuffle)
 
     def _rows(self, epoch: int) -> list[list[int]]:
         """Example indices of each row of ``epoch`` (one per row unless packing)."""
@@ -96,7 +169,7 @@ class BatchSource:
             else:
                 rows, current, used = [], [], 0
                 for i in order:
-                    n = min(len(self.examples[i]), self.max_length)
+                    n = min(int(self.lengths[i]), self.max_length)
                     if current and used + n > self.max_length:
                         rows.append(current)
                         current, used = [], 0
@@ -138,13 +211,15 @@ class BatchSource:
                              "processes")
         per = self.batch_size // process_count
         # The padded length depends on the whole global batch so all hosts agree on the shape.
-        lengths = [sum(min(len(self.examples[i]), self.max_length) for i in row) for row in rows]
+        lengths = [sum(min(int(self.lengths[i]), self.max_length) for i in row) for row in rows]
         width = (self.max_length if self.packing
                  else bucket_length(max(lengths), self.min_bucket, self.max_length))
         mine = rows[process_index * per:(process_index + 1) * per]
         return self._assemble(mine, width)
 
     def _assemble(self, rows: list[list[int]], width: int) -> dict[str, np.ndarray]:
+        if isinstance(self.examples, LazyExamples):  # tokenize this batch's new rows in one call
+            self.examples.fetch([i for row in rows for i in row])
         b = len(rows)
         ids = np.full((b, width), self.pad_id, np.int32)
         attn = np.zeros((b, width), np.int32)

@@ -22,7 +22,9 @@ error message.
 
 Preemption: :class:`PreemptionGuard` turns SIGTERM into a flag the loop polls after each step; the
 loop then saves (``force=True``), waits for the write and exits cleanly. On several hosts the flag
-is agreed through JAX's preemption sync point so that every host saves the same step.
+is agreed at every step boundary (an all-gather of one flag per process, plus JAX's preemption
+sync point where the runtime provides one), so a SIGTERM delivered to one host makes every host
+save the same step and stop.
 """
 
 from __future__ import annotations
@@ -127,8 +129,13 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ queries
     def latest_step(self) -> int | None:
-        """The latest *complete* checkpoint's step (None when there is none)."""
-        return self.manager.latest_step()
+        """The latest *complete* checkpoint's step (None when there is none), as process 0 sees
+        it: every process of a multi-host run resumes from the same step."""
+        from sgalm_jax.training.multihost import broadcast_from_main
+
+        step = self.manager.latest_step()
+        step = broadcast_from_main(-1 if step is None else int(step))
+        return None if step < 0 else step
 
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
@@ -151,15 +158,22 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ save
     def _check_space(self, step: int, state: Any) -> None:
+        from sgalm_jax.training.multihost import agree_any
+
         need = state_nbytes(state)
         try:
             free = shutil.disk_usage(self.directory).free
         except OSError:
-            return
+            free = None
         # Only a save that cannot fit even compressed is refused here (OCDBT compresses; a
-        # write that fails anyway is reported by wait()/save() the same way).
-        if need and free < need // 4:
+        # write that fails anyway is reported by wait()/save() the same way). Every process
+        # refuses when one lacks the space: the save is a collective.
+        short = bool(need) and free is not None and free < need // 4
+        if agree_any(short):
             latest = self.complete_steps()
+            if not short:
+                raise CheckpointError(f"{self.directory}: another process of this run has not "
+                                      f"enough free space to save step {step} (see its error)")
             raise CheckpointError(
                 f"{self.directory}: not enough free space to save step {step}: it needs about "
                 f"{need / 2**20:.1f} MiB uncompressed, the file system has {free / 2**20:.1f} MiB free"
@@ -168,10 +182,13 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict[str, Any] | None = None) -> bool:
         """Start saving ``state`` and ``meta`` at ``step`` (returns at once when async)."""
+        from sgalm_jax.training.multihost import broadcast_from_main
+
         meta = dict(meta or {})
         meta.setdefault("step", int(step))
         self.wait()  # the previous save first (Orbax would wait anyway); errors surface here
-        if step in self.manager.all_steps():
+        # Saving is a collective: every process must skip (or not) together, on process 0's view.
+        if broadcast_from_main(step in self.manager.all_steps()):
             return False
         self._check_space(step, state)
         self._inflight = int(step)
@@ -464,20 +481,19 @@ class PreemptionGuard:
 
     def should_stop(self, step: int) -> bool:
         """True when this step should be the last (a signal arrived, on any host)."""
+        from sgalm_jax.training.multihost import agree_any
+
         local = self._flag.is_set()
         if jax.process_count() > 1:
+            # JAX's preemption service (TPU maintenance events) answers the same on every process.
             try:
                 from jax.experimental import multihost_utils
 
-                if multihost_utils.reached_preemption_sync_point(step):
-                    return True
+                local = local or bool(multihost_utils.reached_preemption_sync_point(step))
             except Exception:  # no preemption service (e.g. manual multi-process launch)
                 pass
-            from jax.experimental import multihost_utils
-
-            flags = multihost_utils.process_allgather(int(local))
-            return bool(max(int(f) for f in flags.reshape(-1)))
-        return local
+        # Every process must stop (and save) at the same step: a signal on one host stops all.
+        return agree_any(local)
 
 
 def inject_fault(step: int) -> None:
