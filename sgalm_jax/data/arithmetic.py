@@ -119,8 +119,8 @@ def _parse_ops(ops: str | Sequence[str]) -> tuple[str, ...]:
     names = [o.strip() for o in (ops.split(",") if isinstance(ops, str) else ops) if o.strip()]
     bad = [o for o in names if o not in STEP_KINDS]
     if bad or not names:
-        raise DataError(f"arithmetic task: ops {list(ops)!r}: each must be one of "
-                        f"{sorted(STEP_KINDS)} (at least one)")
+        raise DataError(f"arithmetic task: ops {names!r}: unknown {bad!r}; each must be one "
+                        f"of {sorted(STEP_KINDS)} (at least one)")
     return tuple(dict.fromkeys(names))
 
 
@@ -137,6 +137,20 @@ def generate_problem(
     (a smaller template vocabulary). The defaults give the task's original problems.
     """
     steps = tuple(STEP_KINDS[o] for o in _parse_ops(ops))
+    for _ in range(100):  # a start from which too few steps are possible (ops='sub', 2 items)
+        out = _try_problem(rng, steps, min_steps=min_steps, max_steps=max_steps,
+                           max_value=max_value, max_start=max_start, sell_prob=sell_prob,
+                           num_names=num_names, num_items=num_items)
+        if out is not None:
+            return out
+    raise DataError(f"arithmetic task: no problem with {min_steps} steps of {_parse_ops(ops)} within "
+                    f"max_value={max_value} (100 tries)")
+
+
+def _try_problem(rng: random.Random, steps: tuple[Any, ...], *, min_steps: int, max_steps: int,
+                 max_value: int, max_start: int, sell_prob: float, num_names: int,
+                 num_items: int) -> tuple[str, str] | None:
+    """One problem, or None when fewer than ``min_steps`` steps fit after the start."""
     name, pronoun, poss = rng.choice(_NAMES[:max(1, num_names)])
     items = rng.choice(_ITEMS[:max(1, num_items)])
     ctx = {"name": name, "P": pronoun, "p": pronoun.lower(), "poss": poss, "items": items}
@@ -160,6 +174,8 @@ def generate_problem(
         q_parts.append(q)
         a_lines.extend(a)
         done += 1
+    if done < min_steps:
+        return None
     if rng.random() < sell_prob:
         price = rng.randint(2, 9)
         money = t * price
