@@ -385,10 +385,8 @@ class Study:
             self.log(f"seed {seed} base: " + format_row(row))
         for name in methods:
             method = METHODS[name]
-            last = self.iterations if self.evaluate_every_iteration else None
-            wanted = range(1, self.iterations + 1) if last is None else range(1, last + 1)
-            if not self.evaluate_every_iteration:
-                wanted = [self.iterations]
+            wanted = (range(1, self.iterations + 1) if self.evaluate_every_iteration
+                      else [self.iterations])
             if all((name, seed, t) in done for t in wanted):
                 continue
             workdir = os.path.join(self.root, "runs", name, f"seed_{seed}")
