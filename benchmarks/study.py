@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, help="study directory (resumable)")
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--methods", default=",".join(ev.METHODS),
+    p.add_argument("--methods", default=",".join(m for m, x in ev.METHODS.items()
+                                                 if x.available()),
                    help=f"comma-separated, of {list(ev.METHODS)}")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--updates", type=int, default=20, help="optimizer steps per iteration")
@@ -157,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
                   num_heldout=16, prompts_per_iteration=16)
     study = ev.Study(args.root, ev.study_config(), **kw)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in ev.METHODS]
+    unknown = [m for m in methods if m not in ev.METHODS or not ev.METHODS[m].available()]
     if unknown:
-        p.error(f"unknown methods {unknown}; known: {list(ev.METHODS)}")
+        p.error(f"unknown or unavailable methods {unknown}; available: "
+                f"{[m for m, x in ev.METHODS.items() if x.available()]}")
     if not args.report:
         os.makedirs(study.root, exist_ok=True)
         if not jax.config.jax_compilation_cache_dir:

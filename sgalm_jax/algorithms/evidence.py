@@ -179,6 +179,53 @@ def _selfplay_runner(loss: str) -> Callable[..., None]:
     return run
 
 
+def _gad_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("sgalm_jax.algorithms.gad") is not None
+
+
+def _run_gad(study: "Study", config: ml_collections.ConfigDict, workdir: str,
+             iterations: int) -> None:
+    """GAD distilling a stronger teacher: the task's own generator, whose samples are always
+    valid, answers the same generator-format prompts as SPIN's (``distill`` records: the 2-shot
+    prompt, the teacher's sample). Iteration 1 is GAD's warmup stage (``gad.d_only_steps``
+    discriminator-only steps, then ``updates`` steps of SFT on the teacher + a Bradley-Terry D
+    step); iterations 2.. are the GAD stage (``updates`` steps each: D scores the student's
+    rollouts, D steps, the student takes a GRPO step on D's scores), resumed with
+    ``train.num_steps`` raised. One student update per step, as every other method."""
+    from sgalm_jax.algorithms import gad
+
+    g = study.gad
+    warm_dir = os.path.join(workdir, "warmup")
+    common = {"data.task": "", "data.train_file": study.selfplay_records,
+              "data.packing": False, "distill.max_response_tokens": study.max_new_tokens,
+              "distill.max_prompt_tokens": int(config.data.max_length) - study.max_new_tokens,
+              "distill.prompt_truncation": "left", "gad.num_generations": g["num_generations"],
+              "gad.temperature": float(config.sgalm.temperature), "gad.eval_examples": 0,
+              "gad.save_rollouts": False, "gad.log_samples": 0, "gad.export_best": False,
+              "train.batch_size": g["prompts"] * g["num_generations"],
+              "checkpoint.export": True}
+    if not mh.exists(os.path.join(iteration_dir(workdir, 1), "config.json")):
+        c = _sub(config, algorithm="gad", workdir=warm_dir, **common, **{
+            "gad.stage": "warmup", "gad.d_only_steps": g["d_only_steps"],
+            "train.num_steps": g["d_only_steps"] + study.updates})
+        gad.validate(c)
+        gad.run(c, warm_dir)
+        if mh.is_main():
+            os.makedirs(os.path.join(workdir, "iterations"), exist_ok=True)
+            shutil.copytree(os.path.join(warm_dir, "export"), iteration_dir(workdir, 1))
+    for t in range(2, iterations + 1):
+        if mh.exists(os.path.join(iteration_dir(workdir, t), "config.json")):
+            continue
+        c = _sub(config, algorithm="gad", workdir=workdir, **common, **{
+            "gad.stage": "gad", "gad.warmup_dir": warm_dir, "gad.beta": g["beta"],
+            "train.num_steps": (t - 1) * study.updates})
+        gad.validate(c)
+        gad.run(c, workdir)
+        _keep_export(workdir, t)
+
+
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sft", "SFT continued", _run_sft),
     Method("sgalm", "SGALM full", _sgalm_runner("full")),
@@ -186,6 +233,7 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("sgalm_g_only", "SGALM g_only", _sgalm_runner("g_only")),
     Method("spin", "SPIN", _selfplay_runner("spin")),
     Method("iris", "IRIS", _selfplay_runner("iris")),
+    Method("gad", "GAD (teacher)", _run_gad, available=_gad_available),
 )}
 
 
@@ -297,6 +345,8 @@ class Study:
     prompts_per_iteration: int = 96
     pair_batch_size: int = 8
     evaluate_every_iteration: bool = True
+    gad: dict[str, Any] = dataclasses.field(default_factory=lambda: {
+        "num_generations": 4, "prompts": 4, "d_only_steps": 10, "beta": 1e-3})
     log: Callable[[str], None] = print
 
     def __post_init__(self) -> None:
