@@ -107,6 +107,7 @@ def report(study: ev.Study) -> dict:
     out = {"summary": summary, "per_iteration": per_iter, "times": tm, "plots": plots,
            "settings": {"iterations": study.iterations, "updates_per_iteration": study.updates,
                         "pretrain_steps": study.pretrain_steps,
+                        "anneal_steps": study.anneal_steps,
                         "num_samples": study.num_samples, "num_questions": study.num_questions,
                         "task_options": ev.TASK_OPTIONS}}
     with open(os.path.join(study.root, "summary.json"), "w") as f:
@@ -140,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--updates", type=int, default=20, help="optimizer steps per iteration")
     p.add_argument("--pretrain-steps", type=int, default=200)
+    p.add_argument("--anneal-steps", type=int, default=200,
+                   help="second pre-training phase (AdamW 1e-3, cosine) from the first's model")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 seeds, 1 iteration of 6 updates, 40-step base, "
                         "small evaluations")
@@ -150,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     import jax
 
     kw = dict(iterations=args.iterations, updates=args.updates,
-              pretrain_steps=args.pretrain_steps)
+              pretrain_steps=args.pretrain_steps, anneal_steps=args.anneal_steps)
     seeds = args.seeds
     if args.quick:
         seeds = min(seeds, 2)
-        kw = dict(iterations=1, updates=6, pretrain_steps=40, num_samples=32, num_questions=16,
+        kw = dict(iterations=1, updates=6, pretrain_steps=40, anneal_steps=0, num_samples=32, num_questions=16,
                   num_heldout=16, prompts_per_iteration=16)
     study = ev.Study(args.root, ev.study_config(), **kw)
     methods = [m for m in args.methods.split(",") if m]

@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 PRETRAIN_LR = 3e-3
 PRETRAIN_WARMUP = 20
 PRETRAIN_RECORDS = 2000
+PRETRAIN_BATCH = 8
 
 
 def demo_config() -> ml_collections.ConfigDict:
@@ -178,7 +179,7 @@ def _sft_config(config: Any, workdir: str, *, model_path: str, tokenizer: str, d
         c.optimizer.schedule = "cosine"
         c.optimizer.end_lr_factor = 0.05
         c.optimizer.weight_decay = 0.0
-        c.train.batch_size = 8
+        c.train.batch_size = PRETRAIN_BATCH
     else:
         c.model.init = ""
         c.model.hf_config = {}

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 # The study's task: the arithmetic task's easy level (one addition or subtraction up to 20).
 TASK_OPTIONS: dict[str, Any] = {"level": "easy"}
+ANNEAL_LR = 1e-3  # phase 2 of the base model's pre-training (Study.anneal_steps)
 METRICS = ("validity", "well_formed", "answer_accuracy", "distinct_2", "copies", "d_acc")
 METRIC_DOC = {
     "validity": "share of generated samples the task's checker and solver accept",
@@ -103,8 +104,9 @@ def _keep_export(workdir: str, t: int) -> None:
 
 def _run_sft(study: "Study", config: ml_collections.ConfigDict, workdir: str,
              iterations: int) -> None:
-    """Continued SFT on the pre-training data (generator-format sequences), ``updates`` steps per
-    iteration; iteration t resumes the same run with ``train.num_steps`` raised (a constant
+    """Continued SFT on the pre-training data (generator-format sequences, one per row, unpacked:
+    ``train.batch_size`` real samples per update, as many as SGALM's D and G batches hold),
+    ``updates`` steps per iteration; iteration t resumes the same run with ``train.num_steps`` raised (a constant
     learning rate after the warmup, so the chain is one run)."""
     from sgalm_jax.algorithms import sft
 
@@ -112,7 +114,7 @@ def _run_sft(study: "Study", config: ml_collections.ConfigDict, workdir: str,
         if mh.exists(os.path.join(iteration_dir(workdir, t), "config.json")):
             continue
         c = _sub(config, algorithm="sft", workdir=workdir, **{
-            "data.task": "", "data.train_file": study.records, "data.packing": True,
+            "data.task": "", "data.train_file": study.records, "data.packing": False,
             "train.num_steps": t * study.updates, "checkpoint.export": True})
         sft.validate(c)
         sft.run(c, workdir)
@@ -338,6 +340,7 @@ class Study:
     iterations: int = 3
     updates: int = 20
     pretrain_steps: int = 200
+    anneal_steps: int = 0
     pretrain_records: int = 2000
     num_samples: int = 96
     num_questions: int = 64
@@ -374,10 +377,25 @@ class Study:
         if not mh.exists(self.selfplay_records):
             mh.write_once(_write_selfplay_records, c, self.selfplay_records,
                           name="study_selfplay_records")
-        if not mh.exists(os.path.join(self.base_model, "config.json")):
+        first = os.path.join(self.base_dir, "phase1") if self.anneal_steps else self.base_dir
+        if not mh.exists(os.path.join(first, "export", "config.json")):
             self.log(f"pre-training the base model: SFT for {self.pretrain_steps} steps")
-            pre = demo._sft_config(c, self.base_dir, model_path="", tokenizer=self.tokenizer_dir,
+            pre = demo._sft_config(c, first, model_path="", tokenizer=self.tokenizer_dir,
                                    data=self.records, steps=self.pretrain_steps, pretrain=True)
+            sft.validate(pre)
+            sft.run(pre, first)
+        if self.anneal_steps and not mh.exists(os.path.join(self.base_model, "config.json")):
+            self.log(f"pre-training, phase 2: {self.anneal_steps} more steps at "
+                     f"{ANNEAL_LR} (cosine)")
+            pre = demo._sft_config(c, self.base_dir, model_path=os.path.join(first, "export"),
+                                   tokenizer=self.tokenizer_dir, data=self.records,
+                                   steps=self.anneal_steps, pretrain=False)
+            pre.optimizer = ml_collections.ConfigDict(to_dict(
+                demo._sft_config(c, first, model_path="", tokenizer=self.tokenizer_dir,
+                                 data=self.records, steps=1, pretrain=True).optimizer))
+            pre.optimizer.learning_rate = ANNEAL_LR
+            pre.optimizer.warmup_steps = 10
+            pre.train.batch_size = demo.PRETRAIN_BATCH
             sft.validate(pre)
             sft.run(pre, self.base_dir)
         self.max_new_tokens = int(c.sgalm.max_new_tokens) or (
