@@ -140,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"comma-separated, of {list(ev.METHODS)}")
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--updates", type=int, default=20, help="optimizer steps per iteration")
-    p.add_argument("--pretrain-steps", type=int, default=200)
-    p.add_argument("--anneal-steps", type=int, default=200,
+    p.add_argument("--pretrain-steps", type=int, default=800)
+    p.add_argument("--anneal-steps", type=int, default=0,
                    help="second pre-training phase (AdamW 1e-3, cosine) from the first's model")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 seeds, 1 iteration of 6 updates, 40-step base, "
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     seeds = args.seeds
     if args.quick:
         seeds = min(seeds, 2)
-        kw = dict(iterations=1, updates=6, pretrain_steps=40, anneal_steps=0, num_samples=32, num_questions=16,
+        kw = dict(iterations=1, updates=6, pretrain_steps=100, anneal_steps=0, num_samples=32, num_questions=16,
                   num_heldout=16, prompts_per_iteration=16)
     study = ev.Study(args.root, ev.study_config(), **kw)
     methods = [m for m in args.methods.split(",") if m]

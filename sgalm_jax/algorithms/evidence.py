@@ -339,7 +339,7 @@ class Study:
     config: ml_collections.ConfigDict
     iterations: int = 3
     updates: int = 20
-    pretrain_steps: int = 200
+    pretrain_steps: int = 800
     anneal_steps: int = 0
     pretrain_records: int = 2000
     num_samples: int = 96

@@ -110,8 +110,8 @@ LEVELS: dict[str, dict[str, Any]] = {
     "medium": {"min_steps": 1, "max_steps": 1, "max_value": 99, "max_start": 40,
                "ops": tuple(STEP_KINDS), "sell_prob": 0.3, "num_names": len(_NAMES),
                "num_items": len(_ITEMS)},
-    "easy": {"min_steps": 1, "max_steps": 1, "max_value": 20, "max_start": 10,
-             "ops": ("add", "sub"), "sell_prob": 0.0, "num_names": 4, "num_items": 4},
+    "easy": {"min_steps": 1, "max_steps": 1, "max_value": 30, "max_start": 15,
+             "ops": ("add", "sub"), "sell_prob": 0.0, "num_names": 2, "num_items": 2},
 }
 
 
