@@ -1,23 +1,26 @@
 """The embedded default job (``python -m sgalm_jax.main``): SGALM end to end on a CPU, offline.
 
-Five phases, each a normal run of its algorithm in a subdirectory of the workdir (so an interrupted
-demo resumes where it stopped):
+It is the evidence study (:mod:`sgalm_jax.algorithms.evidence`, ``docs/evidence.md``) at one seed
+with two of its methods; each phase is a normal run in a subdirectory of the workdir (so an
+interrupted demo resumes where it stopped):
 
 1. **Tokenizer**: a byte-level BPE (512 tokens) trained on the arithmetic task's training texts
    and the SGALM prompts (built offline in a second; the task-trained vocabulary makes samples
    ~2x shorter than ``builtin:tiny``'s, which is most of the demo's speed).
 2. **Pre-training** (``pretrain/``, the ``sft`` algorithm): a small Qwen2-architecture model,
    randomly initialised, is trained on generator-format sequences (the SGALM generator prompt with
-   ``sgalm.num_shots`` real samples followed by one more real sample), until it writes mostly
-   well-formed samples. ``train.num_steps`` sets the length of this phase.
-3. **SGALM** (``sgalm/``, the ``sgalm`` algorithm) from the pre-trained model; every iteration
-   prints D's accuracy on held-out real vs held-out generated samples, the mean D on real and
-   generated samples, and the validity rate of the generated samples (the arithmetic checker).
-4. **Baseline** (``sft_continue/``): plain SFT from the same pre-trained model for the same number
-   of optimizer steps, with the same optimizer (``optimizer`` section) and batch size.
-5. **Comparison**: the pre-trained, SGALM and SFT-continued models each write the same number of
-   samples from the same prompts and seed (validity, well-formedness, diversity) and answer the same
-   held-out test questions greedily (exact match of the final answer).
+   ``sgalm.num_shots`` real samples followed by one more real sample) of the arithmetic task's
+   ``easy`` level, until it writes valid samples at a middling rate. ``train.num_steps`` sets the
+   length of this phase (batches of :data:`PRETRAIN_BATCH` records).
+3. **SGALM** (``runs/sgalm/seed_N``) from the pre-trained model; every iteration prints D's
+   accuracy on held-out real vs held-out generated samples, the mean D on real and generated
+   samples, and the validity rate of the generated samples (the task's checker and solver).
+   **Baseline** (``runs/sft/seed_N``): plain SFT from the same pre-trained model for the same
+   number of optimizer steps, with the same optimizer (``optimizer`` section) and batch size.
+4. **Comparison**: the study's table: the pre-trained, SGALM and SFT-continued models each write
+   the same samples' prompts at the same seed (validity, well-formedness, diversity, copies), are
+   read as SGALM's discriminator on held-out real vs their own samples, and answer the same test
+   questions greedily (exact match of the final answer).
 
 ``demo_config()`` is the demo's config (``configs/demo.py`` returns it). When the demo runs from
 the base config (no ``--config``), every key still at its base default takes the demo's value,
@@ -68,7 +71,7 @@ def demo_config() -> ml_collections.ConfigDict:
     config.sgalm.heldout_size = 32
     config.sgalm.rounds_per_iteration = 10
     config.sgalm.max_new_tokens = 0  # the 99th percentile of real sample lengths + 16
-    config.sgalm.temperature = 1.0
+    config.sgalm.temperature = 0.7  # docs/evidence.md: at 1.0 a 0.4M model's samples are noise
     config.sgalm.sample_batch_size = 48
     config.sgalm.score_batch_size = 32
     config.sgalm.final_samples = 0  # phase 5 evaluates every model the same way

@@ -12,10 +12,11 @@ model is evaluated the same way (:class:`StudyEvaluator`):
   solver's answer to the question);
 - **well_formed**, **distinct_2** (unique word bigrams over all bigrams of the samples) and
   **copies** (share of samples that repeat a training sample verbatim);
-- **answer_accuracy**: greedy answers to ``num_questions`` test questions (exact final answer);
+- **answer_accuracy**: greedy answers to ``num_questions`` test questions that are not training
+  problems (exact final answer);
 - **d_acc**: the model read as SGALM's discriminator (``z = z_Real - z_Fake`` after the "Real or
-  Fake" prompt): balanced accuracy on held-out real samples (the task's validation split, never
-  trained on) vs its own samples. Only the SGALM variants train this read-out; for the other
+  Fake" prompt): balanced accuracy on held-out real samples (validation problems that are not
+  training problems) vs its own samples. Only the SGALM variants train this read-out; for the other
   methods it shows what the untrained read-out does.
 
 Methods (:data:`METHODS`): continued SFT, SGALM (``full``, ``d_only``, ``g_only``), SPIN and IRIS
@@ -54,7 +55,7 @@ METRICS = ("validity", "well_formed", "answer_accuracy", "distinct_2", "copies",
 METRIC_DOC = {
     "validity": "share of generated samples the task's checker and solver accept",
     "well_formed": "share of generated samples of the form 'Question: ... Answer: ... #### n'",
-    "answer_accuracy": "greedy exact final answer on held-out test questions",
+    "answer_accuracy": "greedy exact final answer on test questions not in the train split",
     "distinct_2": "unique word bigrams / all word bigrams of the generated samples",
     "copies": "share of generated samples identical to a training sample",
     "d_acc": "the model as SGALM's discriminator: balanced accuracy, held-out real vs its samples",
@@ -268,8 +269,12 @@ class StudyEvaluator:
         self.data = SGALMData(config, tokenizer, eos_id=self.eos)
         self.num_samples = int(num_samples)
         self.sampler = self.scorer = None
-        self.questions = self.data.task.load("test", limit=num_questions)
-        held = self.data.task.load("validation", limit=num_heldout)
+        # Questions never trained on (a small task's test split repeats training problems).
+        seen = {e.question for e in self.data.task.load("train")}
+        self.questions = [e for e in self.data.task.load("test")
+                          if e.question not in seen][:num_questions]
+        held = [e for e in self.data.task.load("validation")
+                if e.question not in seen][:num_heldout]
         self.heldout_ids = [self.data.d_ids(self.data.task.sample_text(e)) for e in held]
         rng = random.Random(f"{seed}:questions")
         self.prompts = []

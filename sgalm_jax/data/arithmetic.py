@@ -111,8 +111,11 @@ LEVELS: dict[str, dict[str, Any]] = {
                "ops": tuple(STEP_KINDS), "sell_prob": 0.3, "num_names": len(_NAMES),
                "num_items": len(_ITEMS)},
     "easy": {"min_steps": 1, "max_steps": 1, "max_value": 30, "max_start": 15,
-             "ops": ("add", "sub"), "sell_prob": 0.0, "num_names": 2, "num_items": 2},
+             "ops": ("add", "sub"), "sell_prob": 0.0, "num_names": 1, "num_items": 1},
 }
+# Split sizes of a level whose problem space is small (easy: 917 distinct problems); ``sizes=``
+# given to the task wins.
+LEVEL_SIZES: dict[str, dict[str, int]] = {"easy": {"train": 600, "validation": 300, "test": 400}}
 
 
 def _parse_ops(ops: str | Sequence[str]) -> tuple[str, ...]:
@@ -338,10 +341,11 @@ class ArithmeticTask(GSM8KTask):
     ):
         super().__init__(source, **kwargs)
         self.seed = seed
-        self.sizes = {"train": 2000, "validation": 200, "test": 200, **(sizes or {})}
         self.level = level or "hard"
         if self.level not in LEVELS:
             raise DataError(f"arithmetic task: unknown level {level!r}; known: {sorted(LEVELS)}")
+        self.sizes = {"train": 2000, "validation": 200, "test": 200,
+                      **LEVEL_SIZES.get(self.level, {}), **(sizes or {})}
         given = {"min_steps": min_steps, "max_steps": max_steps, "max_value": max_value,
                  "max_start": max_start, "ops": ops, "sell_prob": sell_prob,
                  "num_names": num_names, "num_items": num_items}
