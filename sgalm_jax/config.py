@@ -213,6 +213,9 @@ _SCHEMA: dict[str, Any] = {
         "normalize": ("token", "loss normalisation: token, sequence, sequence_sum or sum"),
         "logits_chunk_size": (0, "compute the loss from hidden states this many positions at a "
                                  "time, never materialising [B, T, vocab] logits; 0 = full logits"),
+        "distill": (False, "train on distillation pairs (SeqKD): prompts and teacher responses "
+                           "read and cut as GAD reads them (the distill section), the loss on "
+                           "the response and its end token"),
     },
     "eval": {
         "tasks": ("gsm8k", "comma-separated tasks: gsm8k, arc (ARC-Challenge), mbpp, "
@@ -345,8 +348,9 @@ def _build(schema: Mapping[str, Any]) -> ml_collections.ConfigDict:
     return out
 
 
-def load_config_file(name: str, relative_to: str) -> ml_collections.ConfigDict:
-    """``get_config()`` of another config file, e.g. a variant that builds on its base experiment.
+def load_config_file(name: str, relative_to: str, *args: str) -> ml_collections.ConfigDict:
+    """``get_config(*args)`` of another config file, e.g. a variant that builds on its base
+    experiment (``args``: what ``file.py:arg`` would pass, e.g. a GAD stage).
 
     ``name`` is resolved next to ``relative_to`` (pass ``__file__``)::
 
@@ -360,7 +364,7 @@ def load_config_file(name: str, relative_to: str) -> ml_collections.ConfigDict:
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -41,6 +41,7 @@ BUILTIN: dict[str, str] = {
     "data_engine": "sgalm_jax.algorithms.data_engine",
     "selfplay": "sgalm_jax.algorithms.selfplay",
     "gad": "sgalm_jax.algorithms.gad",
+    "gad_demo": "sgalm_jax.algorithms.gad_demo",
     "grpo": "sgalm_jax.algorithms.grpo",
     "eval": "sgalm_jax.algorithms.eval",
 }

@@ -33,7 +33,6 @@ of the rollout index, so a killed run rerun with the same command ends bit-ident
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import logging
 import os
@@ -41,29 +40,33 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sgalm_jax import sharding as sh
 from sgalm_jax.algorithms.grpo_data import (
     PromptPool,
     Rollout,
-    build_rows,
     load_prompt_pool,
     rollout_prompts,
     save_rollout,
 )
+from sgalm_jax.algorithms.grpo_update import (  # noqa: F401 - re-exported (grpo.GRPOOptions, ...)
+    LOSS_TYPES,
+    OLD_LOGPROBS,
+    GRPOOptions,
+    LogprobPass,
+    PolicyUpdate,
+    length_metrics,
+    make_grpo_loss,
+    mean_metrics,
+    sample_rollout,
+    set_advantages,
+    to_global,
+)
 from sgalm_jax.config import register_section
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.evaluation.rewards import call_reward, get_reward
-from sgalm_jax.losses.common import (
-    masked_mean,
-    shift_targets,
-    token_logprobs_and_entropy_from_hidden,
-)
-from sgalm_jax.losses.policy_gradient import ADV_SCALES, KL_ESTIMATORS, group_advantages, grpo_loss
-from sgalm_jax.models.config import resolve_dtype
+from sgalm_jax.losses.policy_gradient import ADV_SCALES, KL_ESTIMATORS
 from sgalm_jax.models.lora import split_adapters
 from sgalm_jax.training import (
     Checkpointer,
@@ -72,7 +75,6 @@ from sgalm_jax.training import (
     Roles,
     inject_fault,
     make_optimizer,
-    model_loss,
     split_model,
     trainable_mask,
 )
@@ -80,15 +82,6 @@ from sgalm_jax.training.finite import FiniteGuard
 from sgalm_jax.training.run_setup import setup_run
 
 log = logging.getLogger(__name__)
-
-# TRL's loss types -> (losses.aggregate_token_loss mode, micro-batch weight of the train step).
-LOSS_TYPES: dict[str, tuple[str, str | None]] = {
-    "dapo": ("token_mean", "num_tokens"),  # token mean over the whole optimizer step
-    "bnpo": ("token_mean", None),  # token mean per micro-batch, micro-batches averaged
-    "grpo": ("seq_mean_token_mean", None),  # mean over sequences of their token means
-    "dr_grpo": ("seq_mean_token_sum_norm", None),  # token sum / (rows * max_new_tokens)
-}
-OLD_LOGPROBS = ("recompute", "sampler")
 
 register_section("grpo", {
     "reward": ("correct", "reward function(s), comma-separated: built-in (correct: the task's "
@@ -136,33 +129,6 @@ register_section("grpo", {
                             "workdir/rollouts/rollout_NNNNNN.jsonl"),
     "log_samples": (2, "completions per rollout also written as TensorBoard text"),
 }, owner=__name__)
-
-
-# ------------------------------------------------------------------------------------ options
-@dataclasses.dataclass(frozen=True)
-class GRPOOptions:
-    """The loss options (``grpo`` section)."""
-
-    temperature: float = 1.0
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    clip_ratio_c: float | None = None
-    beta: float = 0.0
-    kl_estimator: str = "k3"
-    kl_bias_correction: bool = False
-    loss_agg: str = "token_mean"
-    max_new_tokens: int = 256
-    chunk_size: int = 256
-
-    @classmethod
-    def from_config(cls, config: Any) -> "GRPOOptions":
-        g = config.grpo
-        return cls(temperature=float(g.temperature), clip_eps=float(g.clip_eps),
-                   clip_eps_high=float(g.clip_eps_high) or None,
-                   clip_ratio_c=float(g.clip_ratio_c) or None, beta=float(g.beta),
-                   kl_estimator=g.kl_estimator, kl_bias_correction=bool(g.kl_bias_correction),
-                   loss_agg=LOSS_TYPES[g.loss_type][0], max_new_tokens=int(g.max_new_tokens),
-                   chunk_size=int(g.logprob_chunk_size))
 
 
 def resolve_rewards(config: Any) -> list[tuple[str, Callable[..., Any], float]]:
@@ -253,81 +219,6 @@ def validate(config: Any) -> None:
                           "checker; set data.task (or name your own reward function)")
 
 
-# ------------------------------------------------------------------------------------ the loss
-def _policy_logprobs(model: Any, batch: dict[str, jax.Array], chunk_size: int,
-                     temperature: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(log-probs, entropies, mask) [B, T] of the completion tokens, aligned with the logits."""
-    hidden, _ = model.model(batch["input_ids"], batch["attention_mask"], batch["positions"])
-    targets, mask = shift_targets(batch["input_ids"], batch["loss_mask"])
-    lp, ent = token_logprobs_and_entropy_from_hidden(
-        hidden, model.logits_from_hidden, targets, chunk_size=chunk_size, temperature=temperature)
-    return lp, ent, mask
-
-
-def make_grpo_loss(graphdef: Any, opts: GRPOOptions) -> Callable[..., Any]:
-    """``loss_fn(params, batch, rng)``: the clipped surrogate (+ beta KL) on a mini-batch.
-
-    ``batch``: the rows of :func:`~sgalm_jax.algorithms.grpo_data.build_rows` with
-    ``advantages`` [B] and, when used, ``old_logprobs`` / ``ref_logprobs`` [B, T] (detached
-    inputs, aligned with the logits). Metrics add ``entropy`` and ``num_tokens``.
-    """
-
-    def loss_on_model(model, batch, rng):
-        del rng  # deterministic (no dropout)
-        lp, ent, mask = _policy_logprobs(model, batch, opts.chunk_size, opts.temperature)
-        loss, metrics = grpo_loss(
-            lp, batch.get("old_logprobs"), batch["advantages"], mask,
-            ref_logprobs=batch.get("ref_logprobs"), clip_eps=opts.clip_eps,
-            clip_eps_high=opts.clip_eps_high, clip_ratio_c=opts.clip_ratio_c, kl_coef=opts.beta,
-            kl_estimator=opts.kl_estimator, loss_agg=opts.loss_agg,
-            max_response_len=opts.max_new_tokens, kl_bias_correction=opts.kl_bias_correction)
-        metrics = dict(metrics)
-        metrics["entropy"] = masked_mean(ent, mask)
-        metrics["num_tokens"] = jnp.sum(mask)
-        return loss, metrics
-
-    return model_loss(graphdef, loss_on_model)
-
-
-class LogprobPass:
-    """Per-token log-probs [N, T] (at the sampling temperature, no gradient) of a rollout's rows
-    under a params pytree, ``rows_per_call`` rows per forward: the old and reference passes."""
-
-    def __init__(self, graphdef: Any, opts: GRPOOptions, mesh: Any, *, rows_per_call: int,
-                 compute_dtype: Any = None):
-        self.mesh, self.rows = mesh, int(rows_per_call)
-        dtype = resolve_dtype(compute_dtype) if compute_dtype else None
-
-        def fn(params, batch):
-            if dtype is not None:  # the train step's numerics with train.compute_dtype
-                params = jax.tree.map(
-                    lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                    params)
-            lp, _, mask = _policy_logprobs(nnx.merge(graphdef, params), batch, opts.chunk_size,
-                                           opts.temperature)
-            return lp * mask
-
-        self._fn = jax.jit(fn)
-
-    def __call__(self, params: Any, rows: dict[str, np.ndarray]) -> np.ndarray:
-        keys = ("input_ids", "attention_mask", "positions", "loss_mask")
-        out = []
-        for start in range(0, len(rows["input_ids"]), self.rows):
-            chunk = {k: rows[k][start:start + self.rows] for k in keys}
-            # Batch-sharded over every host's devices: gathered so each process gets every row.
-            out.append(sh.to_host(self._fn(params, to_global(chunk, self.mesh))))
-        return np.concatenate(out)
-
-
-def to_global(batch: dict[str, np.ndarray], mesh: Any) -> Any:
-    """Global arrays from rows every host holds whole (each host gives its contiguous block)."""
-    n = jax.process_count()
-    if n > 1:
-        p = jax.process_index()
-        batch = {k: v[p * (len(v) // n):(p + 1) * (len(v) // n)] for k, v in batch.items()}
-    return sh.global_batch_from_local(batch, mesh)
-
-
 # ------------------------------------------------------------------------------------ the run
 class GRPO:
     """One GRPO run's pieces: data, rewards, roles, sampler and steps; :func:`run` drives it."""
@@ -349,7 +240,6 @@ class GRPO:
         self.prompts_per_rollout = self.rows_per_rollout // self.group
         self.updates_per_rollout = self.minibatches * self.epochs
         self.num_rollouts = int(config.train.num_steps) // self.updates_per_rollout
-        self.use_old = self.updates_per_rollout > 1 or g.old_logprobs == "sampler"
         log.info("GRPO: %d rollouts of %d prompts x %d completions, %d optimizer steps each; "
                  "%d prompts; rewards %s", self.num_rollouts, self.prompts_per_rollout,
                  self.group, self.updates_per_rollout, len(self.pool),
@@ -419,16 +309,14 @@ class GRPO:
         self.sampler = Sampler(self.graphdef, self.mcfg, pad_token_id=self.pad, mesh=self.mesh,
                                min_batch_bucket=self.prompts_per_rollout,
                                min_prompt_bucket=min(cfg.data.min_bucket, cfg.grpo.max_prompt_length))
-        # Rows per no-grad forward: one micro-batch, the train step's activation footprint.
-        self.logprobs = LogprobPass(self.graphdef, self.opts, self.mesh,
-                                    rows_per_call=self.rows_per_step // cfg.train.grad_accum_steps,
-                                    compute_dtype=cfg.train.compute_dtype or None)
-        self.ref_logprobs = self.logprobs
-        if "reference" in self.roles and self.roles["reference"].graphdef != self.graphdef:
-            self.ref_logprobs = LogprobPass(  # LoRA: the base's own graph (adapters off)
-                self.roles["reference"].graphdef, self.opts, self.mesh,
-                rows_per_call=self.rows_per_step // cfg.train.grad_accum_steps,
-                compute_dtype=cfg.train.compute_dtype or None)
+        g = cfg.grpo
+        self.updater = PolicyUpdate(
+            self.roles, "policy", self.graphdef, self.opts, self.mesh,
+            rows_per_step=self.rows_per_step, grad_accum_steps=cfg.train.grad_accum_steps,
+            minibatches=self.minibatches, epochs=self.epochs, old_logprobs=g.old_logprobs,
+            seed=cfg.seed, pad_id=self.pad, min_bucket=cfg.data.min_bucket,
+            max_length=cfg.data.max_length, mask_truncated=bool(g.mask_truncated),
+            compute_dtype=cfg.train.compute_dtype or None)
         return meta
 
     # ---------------------------------------------------------------- 1. sample
@@ -437,18 +325,11 @@ class GRPO:
         idx = rollout_prompts(len(self.pool), r, self.prompts_per_rollout, seed=self.config.seed,
                               shuffle=self.config.data.shuffle)
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.config.seed), 11), r)
-        gen = self.sampler.generate(
-            self.roles["policy"].params, [self.pool.ids[i] for i in idx],
-            max_new_tokens=int(g.max_new_tokens), temperature=float(g.temperature),
-            top_k=int(g.top_k) or None, top_p=None if g.top_p >= 1 else float(g.top_p),
-            num_samples=self.group, stop_token_ids=(self.eos,), rng=rng)
-        comps = [np.asarray(row[:n], np.int32) for row, n in zip(gen.tokens, gen.lengths)]
-        rollout = Rollout(prompt_index=np.repeat(idx, self.group), completion_ids=comps,
-                          finished=np.asarray(gen.finished, bool),
-                          sampler_logprobs=[row[:n] for row, n in zip(gen.logprobs, gen.lengths)])
-        rollout.texts = self.tokenizer.batch_decode([c.tolist() for c in comps],
-                                                    skip_special_tokens=True)
-        return rollout
+        return sample_rollout(self.sampler, self.roles["policy"].params, self.pool, idx,
+                              group=self.group, rng=rng, max_new_tokens=int(g.max_new_tokens),
+                              temperature=float(g.temperature), top_k=int(g.top_k),
+                              top_p=float(g.top_p), stop_token_ids=(self.eos,),
+                              tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- 2. score
     def score(self, rollout: Rollout) -> dict[str, float]:
@@ -465,67 +346,22 @@ class GRPO:
             parts.append(w * values)
         stacked = np.stack(parts)
         total = np.where(np.isnan(stacked).all(0), np.nan, np.nansum(stacked, axis=0))
-        rollout.reward = total
-        valid = np.isfinite(total)
-        adv = group_advantages(jnp.asarray(np.nan_to_num(total), jnp.float32),
-                               group_size=self.group, scale=g.scale_rewards,
-                               eps=float(g.adv_eps), mask=jnp.asarray(valid, jnp.float32))
-        rollout.advantages = np.asarray(jax.device_get(adv), np.float64)
-        grouped = np.where(valid, total, np.nan).reshape(-1, self.group)
-        with np.errstate(invalid="ignore"):
-            zero_std = np.nanstd(grouped, axis=1) == 0
-        out = {"reward_mean": float(np.nanmean(total)) if valid.any() else float("nan"),
-               "reward_std": float(np.nanstd(total)) if valid.any() else float("nan"),
-               "reward_unscored": float(1.0 - valid.mean()),
-               "frac_reward_zero_std": float(np.mean(zero_std))}
+        out = set_advantages(rollout, total, group=self.group, scale=g.scale_rewards,
+                             eps=float(g.adv_eps))
         if len(self.rewards) > 1:
             out.update({f"reward/{n}": float(np.nanmean(v)) for n, v in rollout.rewards.items()})
-        lengths = np.asarray([len(c) for c in rollout.completion_ids])
-        out.update(completion_length_mean=float(lengths.mean()),
-                   completion_length_max=float(lengths.max()),
-                   truncated=float(1.0 - rollout.finished.mean()))
+        out.update(length_metrics(rollout))
         return out
 
-    # ---------------------------------------------------------------- 3. log-probs
+    # ---------------------------------------------------------------- 3. log-probs, 4. update
     def rows(self, rollout: Rollout) -> dict[str, np.ndarray]:
-        cfg = self.config
-        rows = build_rows(self.pool, rollout, pad_id=self.pad, min_bucket=cfg.data.min_bucket,
-                          max_length=cfg.data.max_length,
-                          mask_truncated=bool(cfg.grpo.mask_truncated))
-        sampler_lp = rows.pop("sampler_logprobs")
-        if self.use_old:
-            rows["old_logprobs"] = (sampler_lp if cfg.grpo.old_logprobs == "sampler"
-                                    else self.logprobs(self.roles["policy"].params, rows))
-        if "reference" in self.roles:
-            rows["ref_logprobs"] = self.ref_logprobs(self.roles["reference"].params, rows)
-        return rows
+        return self.updater.rows(self.pool, rollout)
 
-    # ---------------------------------------------------------------- 4. update
     def minibatch_order(self, r: int, epoch: int) -> np.ndarray:
-        """Row order of pass ``epoch`` over rollout ``r`` (shuffled when split in several)."""
-        if self.minibatches == 1:
-            return np.arange(self.rows_per_rollout)
-        return np.random.default_rng([self.config.seed, 31, r, epoch]).permutation(
-            self.rows_per_rollout)
+        return self.updater.minibatch_order(r, epoch)
 
     def update(self, r: int, rows: dict[str, np.ndarray]) -> list[dict[str, float]]:
-        policy, b = self.roles["policy"], self.rows_per_step
-        out = []
-        for epoch in range(self.epochs):
-            order = self.minibatch_order(r, epoch)
-            for k in range(self.minibatches):
-                idx = order[k * b:(k + 1) * b]
-                batch = to_global({key: v[idx] for key, v in rows.items()}, self.mesh)
-                out.append({n: float(v) for n, v in
-                            jax.device_get(policy.step("grpo", batch)).items()})
-        return out
-
-
-def _mean_metrics(steps: list[dict[str, float]]) -> dict[str, float]:
-    keys = steps[0].keys()
-    out = {k: float(np.mean([s[k] for s in steps])) for k in keys if k != "num_tokens"}
-    out["learning_rate"] = steps[-1].get("learning_rate", float("nan"))
-    return out
+        return self.updater.update(r, rows)
 
 
 def run(config: Any, workdir: str) -> dict[str, Any]:
@@ -561,7 +397,7 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             for k, m in enumerate(steps):
                 finite.add(u + k + 1, m)
             prev, u = u, u + algo.updates_per_rollout
-            record.update(_mean_metrics(steps))
+            record.update(mean_metrics(steps))
             record.update({"rollout": r, "time/rollout": t1 - t0, "time/reward": t2 - t1,
                            "time/logprobs": t3 - t2, "time/update": t4 - t3})
             last = writer.write(u, record)

@@ -9,6 +9,10 @@ format to ``workdir/export``.
 Data: ``data.train_file`` (JSONL records with ``data.prompt_key`` / ``data.response_key``) or
 ``data.task`` (a task of :mod:`sgalm_jax.data`, e.g. ``gsm8k`` or the offline ``arithmetic``),
 whose ``format_sample`` gives (prompt, response) and ``chat_user``/``chat_assistant`` the chat turns.
+With ``sft.distill = True`` (SeqKD, the GAD paper's baseline) the records are distillation pairs
+read by :mod:`sgalm_jax.algorithms.distill_data` exactly as GAD reads them (LMSYS layout or
+prompt/response, the ``distill`` section's fields and length caps, the end token after the
+response).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sgalm_jax import sharding as sh
+from sgalm_jax.algorithms.distill_data import load_distill_pool, make_encoder, validate_distill
 from sgalm_jax.config import validate_for_devices
 from sgalm_jax.errors import ConfigError, DataError
 from sgalm_jax.losses.common import sequence_logprobs_from_hidden, shift_targets
@@ -86,6 +91,8 @@ def validate(config: Any) -> None:
             raise ConfigError(f"data.task: unknown task {d.task!r}; known: {list_tasks()}")
     if d.data_dir and not os.path.exists(d.data_dir):
         raise ConfigError(f"data.data_dir: {d.data_dir!r} does not exist")
+    if config.sft.distill:
+        validate_distill(config)
     validate_for_devices(config, jax.device_count(), jax.process_count())
 
 
@@ -127,6 +134,17 @@ def load_records(config: Any) -> list[tuple[str, str]]:
     if not pairs:
         raise DataError(f"{d.train_file or d.task}: no training records")
     return pairs
+
+
+def distill_examples(config: Any, tokenizer: Any, *, eos_id: int, stop_ids: tuple[int, ...],
+                     vocab_size: int) -> list[TokenizedExample]:
+    """SeqKD's examples (``sft.distill``): every distillation pair of ``data.split`` through the
+    :class:`~sgalm_jax.data.distill_tokens.DistillEncoder` GAD uses, so the student learns to end
+    its responses exactly as GAD's discriminator sees teacher responses end."""
+    encoder = make_encoder(config, tokenizer, end_token_id=eos_id, stop_token_ids=stop_ids)
+    pool = load_distill_pool(config, tokenizer, encoder, split=config.data.split,
+                             limit=config.data.max_examples or None, vocab_size=vocab_size)
+    return [pool.sft_example(i) for i in range(len(pool))]
 
 
 def encode(pairs: list[tuple[str, str]], tokenizer: Any, data_cfg: Any, *, eos_id: int,
@@ -232,10 +250,19 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     """Train; returns the last logged metrics (and ``preempted`` / ``export`` entries)."""
     setup = setup_run(config, workdir)
     mesh, tokenizer, mcfg, eos = setup.mesh, setup.tokenizer, setup.model_config, setup.eos_id
-    examples, lengths = host_examples(load_records(config), tokenizer, config, eos_id=eos,
-                                      vocab_size=mcfg.vocab_size)
-    log.info("%d training examples; mean length %.1f tokens; this host tokenized %d of them",
-             len(examples), float(np.mean(lengths)), examples.num_encoded)
+    if config.sft.distill:
+        # Every host builds the whole distillation pool (its encoder fixes GAD's response ends);
+        # the pool is small next to the run, and the batches still take only this host's rows.
+        examples = distill_examples(config, tokenizer, eos_id=eos, stop_ids=mcfg.eos_token_ids,
+                                    vocab_size=mcfg.vocab_size)
+        lengths = np.asarray([len(e) for e in examples], np.int64)
+        log.info("%d training examples (distillation pairs); mean length %.1f tokens",
+                 len(examples), float(np.mean(lengths)))
+    else:
+        examples, lengths = host_examples(load_records(config), tokenizer, config, eos_id=eos,
+                                          vocab_size=mcfg.vocab_size)
+        log.info("%d training examples; mean length %.1f tokens; this host tokenized %d of them",
+                 len(examples), float(np.mean(lengths)), examples.num_encoded)
     source = BatchSource(examples, lengths=lengths, batch_size=config.train.batch_size,
                          max_length=config.data.max_length, seed=config.seed,
                          shuffle=config.data.shuffle, packing=config.data.packing,

@@ -257,6 +257,25 @@ _JUDGE_KEYS = {"backend", "cache_dir", "reference_params", "scoring_params", "bo
                "on_error", "system_prompt", "template"}
 
 
+def check_judge_config(cfg: Mapping[str, Any], prefix: str = "judge") -> str:
+    """The backend kind of a judge config, after checking its keys without building anything
+    (a run validates its ``judge`` section before it trains); ConfigError naming the key."""
+    kind = cfg.get("backend", "openai")
+    if kind not in ("openai", "local"):
+        raise ConfigError(f"{prefix}.backend: {kind!r} is not 'openai' or 'local'")
+    allowed = _JUDGE_KEYS | (_HTTP_KEYS if kind == "openai" else _LOCAL_KEYS)
+    unknown = sorted(set(cfg) - allowed)
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}: unknown key for the {kind!r} backend "
+                          f"(known: {sorted(allowed)})")
+    required = ("base_url", "model") if kind == "openai" else ("path",)
+    for key in required:
+        if not cfg.get(key):
+            what = "" if kind == "openai" else " (an HF checkpoint)"
+            raise ConfigError(f"{prefix}.{key}: required for the {kind!r} backend{what}")
+    return kind
+
+
 def build_judge(cfg: Mapping[str, Any], *, run_dir: str | os.PathLike | None = None,
                 mesh: Any = None) -> Judge:
     """A :class:`Judge` from a config mapping (e.g. a run config's ``judge`` section).
@@ -270,27 +289,15 @@ def build_judge(cfg: Mapping[str, Any], *, run_dir: str | os.PathLike | None = N
     ``template``. An unknown or missing key is a :class:`ConfigError` naming it.
     """
     cfg = dict(cfg)
-    kind = cfg.get("backend", "openai")
-    allowed = _JUDGE_KEYS | (_HTTP_KEYS if kind == "openai" else _LOCAL_KEYS)
-    if kind not in ("openai", "local"):
-        raise ConfigError(f"judge.backend: {kind!r} is not 'openai' or 'local'")
-    unknown = sorted(set(cfg) - allowed)
-    if unknown:
-        raise ConfigError(f"judge.{unknown[0]}: unknown key for the {kind!r} backend "
-                          f"(known: {sorted(allowed)})")
+    kind = check_judge_config(cfg)
     cache_dir = cfg.get("cache_dir")
     if cache_dir is None and run_dir is not None:
         cache_dir = os.path.join(os.fspath(run_dir), "judge_cache")
     if kind == "openai":
-        for key in ("base_url", "model"):
-            if not cfg.get(key):
-                raise ConfigError(f"judge.{key}: required for the 'openai' backend")
         kwargs = {k: cfg[k] for k in _HTTP_KEYS - {"base_url", "model"} if k in cfg}
         backend: CachedBackend = OpenAIChatBackend(cfg["base_url"], cfg["model"],
                                                    cache_dir=cache_dir, **kwargs)
     else:
-        if not cfg.get("path"):
-            raise ConfigError("judge.path: required for the 'local' backend (an HF checkpoint)")
         kwargs = {k: cfg[k] for k in _LOCAL_KEYS - {"path"} if k in cfg}
         backend = LocalChatBackend.from_pretrained(cfg["path"], mesh=mesh, cache_dir=cache_dir,
                                                    **kwargs)

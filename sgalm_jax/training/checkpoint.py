@@ -496,21 +496,28 @@ class PreemptionGuard:
         return agree_any(local)
 
 
-def inject_fault(step: int) -> None:
-    """If ``$SGALM_FAULT_INJECT`` is ``sigkill@N`` or ``sigterm@N`` and ``step == N``, send it."""
+def inject_fault(step: int, point: str = "") -> None:
+    """If ``$SGALM_FAULT_INJECT`` is ``sigkill@N`` or ``sigterm@N`` and ``step == N``, send it.
+
+    Loops call this at the end of each step; a call with a ``point`` name (e.g. GAD's
+    ``after_d``, between its two updates) fires only for ``sigkill@N:point``, so tests can kill a
+    run in the middle of a step.
+    """
     spec = os.environ.get(FAULT_ENV, "")
     if not spec:
         return
     try:
         kind, at = spec.split("@")
+        at, _, where = at.partition(":")
         at = int(at)
     except ValueError:
-        raise CheckpointError(f"${FAULT_ENV}={spec!r}: expected 'sigkill@STEP' or "
-                              "'sigterm@STEP'") from None
-    if step != at:
+        raise CheckpointError(f"${FAULT_ENV}={spec!r}: expected 'sigkill@STEP', "
+                              "'sigterm@STEP' or 'sigkill@STEP:POINT'") from None
+    if step != at or where != point:
         return
     sig = {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM}.get(kind.lower())
     if sig is None:
         raise CheckpointError(f"${FAULT_ENV}={spec!r}: unknown signal {kind!r}")
-    log.warning("fault injection: sending %s to myself after step %d", kind, step)
+    log.warning("fault injection: sending %s to myself after step %d%s", kind, step,
+                f" ({point})" if point else "")
     os.kill(os.getpid(), sig)

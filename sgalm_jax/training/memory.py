@@ -15,7 +15,9 @@ Role layouts (what each algorithm holds on the devices):
 - ``selfplay``: the policy (the reference is a view: scored once per iteration, no copy);
 - ``sft``: one learner;
 - ``gad``: student and discriminator (a scorer: the same body, a scalar head), plus a frozen
-  reference snapshot of the student in its GAD stage.
+  reference snapshot of the student in its GAD stage (``gad.beta > 0``); with LoRA the reference
+  is counted as a snapshot of the student's adapters (what a stage started from a warmup holds;
+  without a warmup it is the base itself, no weights).
 
 With LoRA the base is held once (``lora.base_dtype``), each learner is its adapters (plus a
 scorer's head) with gradients and optimizer state for those only, a reference of the start model
@@ -91,7 +93,8 @@ def roles_of(config: Any) -> tuple[list[tuple[str, str]], list[str]]:
     if algo == "grpo":
         return [("policy", "lm")], (["reference"] if config.grpo.beta > 0 else [])
     if algo == "gad":
-        return [("student", "lm"), ("discriminator", "scorer")], ["reference"]
+        ref = config.gad.stage == "gad" and config.gad.beta > 0
+        return [("student", "lm"), ("discriminator", "scorer")], (["reference"] if ref else [])
     return [("policy" if algo == "selfplay" else "model", "lm")], []
 
 
@@ -112,6 +115,11 @@ def _step_rows(config: Any) -> tuple[int, int, int]:
         return micro * k, micro * k, int(config.selfplay.logprob_chunk_size)
     if algo == "grpo":
         return micro, micro, int(config.grpo.logprob_chunk_size)
+    if algo == "gad":  # the larger of the student's micro-batch and D's (prompt groups of 1 + G)
+        g = config.gad
+        prompts = config.train.batch_size * g.num_minibatches // g.num_generations
+        d_micro = prompts // (int(g.d_grad_accum_steps) or config.train.grad_accum_steps)
+        return max(micro, d_micro * (1 + g.num_generations)), micro, int(g.logprob_chunk_size)
     return micro, micro, int(config.sft.logits_chunk_size)
 
 
@@ -145,6 +153,8 @@ def kv_cache_estimate(config: Any, mcfg: ModelConfig, mesh: _Mesh) -> float:
         rows = config.sgalm.sample_batch_size
     elif algo == "selfplay":
         rows = config.selfplay.generation_batch_size
+    elif algo == "gad":
+        rows = config.gad.rollout_batch_size or config.train.batch_size * config.gad.num_minibatches
     else:
         return 0.0
     dp = mesh.shape["data"] * mesh.shape["fsdp"]

@@ -280,3 +280,37 @@ def test_rows_align_the_samplers_logprobs_with_the_recomputed_ones():
                         mask_truncated=True)
     assert (masked["loss_mask"][[1, 3]] == 0).all() and (masked["loss_mask"][[0, 2]].sum(1)
                                                         == gen.lengths[[0, 2]]).all()
+
+
+# ------------------------------------------------------------------------------ fault handling
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_diverging_policy_stops_naming_the_step_and_closes_the_checkpointer(tmp_path,
+                                                                              monkeypatch, mode):
+    """A NaN policy (its first weight NaN): 'error' stops at step 1; 'skip' skips the updates
+    (metric skipped = 1) and stops after train.max_skipped_steps consecutive ones. Nothing of the
+    diverged state is saved or exported, and the checkpointer is closed on the way out."""
+    from sgalm_jax.errors import NonFiniteError
+    from sgalm_jax.training import checkpoint, model_setup
+
+    real = model_setup.build_model
+
+    def nan_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        emb = model.model.embed_tokens.embedding
+        emb.set_value(emb[...] * jnp.nan)
+        return model
+
+    monkeypatch.setattr(model_setup, "build_model", nan_model)
+    config = tiny_config(tmp_path, **{"train.nonfinite": mode, "train.max_skipped_steps": 1,
+                                      "grpo.max_new_tokens": 16})
+    grpo.validate(config)
+    message = (r"^step 1: loss = nan, grad_norm = nan: the run diverged" if mode == "error"
+               else r"^step 2: .*2 consecutive steps were skipped")
+    with pytest.raises(NonFiniteError, match=message):
+        grpo.run(config, str(tmp_path))
+    assert not list(checkpoint._OPEN)
+    assert not (tmp_path / "checkpoints").exists() or not [
+        p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+    assert not (tmp_path / "export").exists()
+    if mode == "skip":
+        assert _records(tmp_path)[0]["skipped"] == 1.0

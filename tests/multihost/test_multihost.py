@@ -12,9 +12,10 @@ Then the two workdirs are compared: every numeric metric of ``metrics.jsonl`` (l
 norms, diagnostics, evaluation scores; timings excluded) to float noise, generated samples exactly,
 the latest checkpoint's arrays and the exported HF weights to float noise, evaluation results.
 
-Adding an algorithm (GAD, ...) is one more :class:`Run` in ``CASES`` (its config file, small
+Adding an algorithm is one more :class:`Run` in ``CASES`` (its config file, small
 overrides, the files to compare), in a new :class:`Case` when it should be preempted (the step
-to preempt at). These runs are the expensive part of the suite (CI runs them too: ``slow`` only
+to preempt at; runs placed first in a case with ``preempted`` > 1 are preempted in the same
+launch). These runs are the expensive part of the suite (CI runs them too: ``slow`` only
 marks them).
 """
 
@@ -79,12 +80,13 @@ class Run:
 class Case:
     """Runs that share launches: one after another in the same processes (one start-up, and one
     persistent compilation cache, for related configs). With ``preempt``, a first launch runs only
-    ``runs[0]`` and process 1 alone gets SIGTERM after that step; the second launch resumes it and
-    runs the rest."""
+    the first ``preempted`` runs and process 1 alone gets SIGTERM after that step of each; the
+    second launch resumes them and runs the rest."""
 
     name: str
     runs: tuple[Run, ...]
     preempt: int | None = None
+    preempted: int = 1
 
 
 # Every run but SFT's starts from one saved tiny Qwen2 checkpoint and tokenizer (the tiny configs'
@@ -107,6 +109,11 @@ SGALM_SMALL = PRETRAINED + SGD + DATA_2 + (
     # The raw reward as the advantage: a random model's rewards differ by ~1e-4, so centring or
     # standardising them would blow float noise up to visible differences.
     "--config.sgalm.advantage=raw")
+
+# 8 prompts x 2 responses a step: the discriminator's groups are sharded over all 8 devices.
+GAD_SMALL = PRETRAINED + SGD + DATA_2 + (
+    "--config.data.max_examples=16", "--config.train.batch_size=16",
+    "--config.gad.num_generations=2", "--config.distill.max_response_tokens=16")
 
 CASES = [
     Case("sft_data_engine", preempt=3, runs=(
@@ -141,7 +148,7 @@ CASES = [
             f"--config.sgalm.variant={variant}", "--config.sgalm.iterations=1",
             "--config.sgalm.final_samples=0"), samples=("samples/*.jsonl",))
         for variant in ("full", "d_only", "g_only"))),
-    Case("selfplay_grpo", preempt=4, runs=(
+    Case("selfplay_grpo", preempt=4, preempted=2, runs=(
         Run("iris", "selfplay_tiny.py", PRETRAINED + SGD + DATA_2 + (
             "--config.selfplay.loss=iris", "--config.selfplay.alpha_schedule=adaptive",
             "--config.data.max_examples=16", "--config.selfplay.steps_per_iteration=3",
@@ -152,6 +159,15 @@ CASES = [
             # share of pairs with real reward > synthetic reward: at an iteration's first step
             # the policy is its reference, so every reward is 0 up to float noise.
             discrete=("accuracy",)),
+        # The GAD stage (no warmup: the student and a fresh-headed discriminator from the tiny
+        # checkpoint), preempted in the same launch as iris: sampling, D's scores as rewards, its
+        # Bradley-Terry step, the student's GRPO step, evaluation at steps 2, 4 and 6 (the
+        # preemption saves step 5, between them), the best student and both exports.
+        Run("gad", "gad_tiny.py", GAD_SMALL + (
+            "--config.gad.stage=gad", "--config.train.num_steps=6",
+            "--config.gad.eval_examples=4"),
+            samples=("rollouts/*.jsonl", "eval/*.json"),
+            exports=("export", "export_discriminator", "best")),
         # 2 rollouts of 4 prompts x 4 completions, a reward a random model's samples spread on.
         Run("grpo", "grpo_tiny.py", PRETRAINED + SGD + DATA_2 + (
             "--config.grpo.reward=tests.algorithms.grpo_rewards:low_token_fraction",
@@ -242,14 +258,15 @@ def _run_multi(case: Case, root: Path, cache: Path, model: Path) -> tuple[float,
     info: dict[str, Any] = {}
     if case.preempt is not None:
         logs = root.parent / "logs_preempt"
-        codes = _launch(case.runs[:1], root, logs, cache, model,
+        codes = _launch(case.runs[:case.preempted], root, logs, cache, model,
                         {"SGALM_FAULT_INJECT": f"sigterm@{case.preempt}"})
         assert codes == [0, 0], _tail(logs)  # both processes saved and exited cleanly
         from sgalm_jax.training.checkpoint import Checkpointer
 
-        first = root / case.runs[0].sub
-        info["preempted_at"] = Checkpointer(str(first / "checkpoints")).latest_step()
-        info["export_after_preempt"] = (first / "export").exists()
+        for run in case.runs[:case.preempted]:
+            first = root / run.sub
+            info[f"{run.sub}/preempted_at"] = Checkpointer(str(first / "checkpoints")).latest_step()
+            info[f"{run.sub}/export_after_preempt"] = (first / "export").exists()
     logs = root.parent / "logs"
     codes = _launch(case.runs, root, logs, cache, model)
     assert codes == [0, 0], _tail(logs)
@@ -410,8 +427,9 @@ def test_two_processes_match_one(case: Case, runs):
     report: dict[str, Any] = {"case": case.name, **info}
     if case.preempt is not None:
         # SIGTERM reached process 1 after step `preempt`; both agreed to save the next step.
-        assert info["preempted_at"] == case.preempt + 1
-        assert not info["export_after_preempt"]
+        for run in case.runs[:case.preempted]:
+            assert info[f"{run.sub}/preempted_at"] == case.preempt + 1, run.sub
+            assert not info[f"{run.sub}/export_after_preempt"], run.sub
     for run in case.runs:
         single, multi = single_root / run.sub, multi_root / run.sub
         metric_files = sorted(os.path.relpath(p, single)
