@@ -71,7 +71,7 @@ def demo_config() -> ml_collections.ConfigDict:
     config.sgalm.heldout_size = 32
     config.sgalm.rounds_per_iteration = 10
     config.sgalm.max_new_tokens = 0  # the 99th percentile of real sample lengths + 16
-    config.sgalm.temperature = 0.7  # docs/evidence.md: at 1.0 a 0.4M model's samples are noise
+    config.sgalm.temperature = 0.5  # docs/evidence.md: at 1.0 a 0.4M model writes noise
     config.sgalm.sample_batch_size = 48
     config.sgalm.score_batch_size = 32
     config.sgalm.final_samples = 0  # phase 5 evaluates every model the same way
