@@ -232,8 +232,10 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
             and r["method"] in ("base",) + DEMO_METHODS]
     summary = evidence.summarize(rows, iteration=iterations)
     print("\n" + evidence.format_table(summary))
-    print(f"\n{study.num_samples} samples per model at temperature 1 from 2-shot prompts; "
-          + "; ".join(f"{k}: {v}" for k, v in evidence.METRIC_DOC.items()) + ".")
+    print(f"\n{study.num_samples} samples per model at temperature {config.sgalm.temperature} "
+          f"from {config.sgalm.num_shots}-shot prompts.")
+    for k, v in evidence.METRIC_DOC.items():
+        print(f"  {k}: {v}")
     print("One seed: differences of a few points are noise. docs/evidence.md has every method "
           "(SGALM d_only / g_only, SPIN, IRIS, GAD) over 5 seeds with 95% intervals and plots "
           "(benchmarks/study.py reproduces it).")
