@@ -135,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, help="study directory (resumable)")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="run seeds first-seed .. seeds-1 only (a second process can take "
+                        "the last seeds; results.jsonl is shared)")
     p.add_argument("--methods", default=",".join(m for m, x in ev.METHODS.items()
                                                  if x.available()),
                    help=f"comma-separated, of {list(ev.METHODS)}")
@@ -173,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         study.prepare()
         print(f"prepared in {time.perf_counter() - t0:.0f}s wall, "
               f"{time.process_time() - c0:.0f}s cpu", flush=True)
-        for seed in range(seeds):
+        for seed in range(args.first_seed, seeds):
             study.run_seed(seed, methods)
             print(f"seed {seed} done at {time.perf_counter() - t0:.0f}s wall, "
                   f"{time.process_time() - c0:.0f}s cpu", flush=True)
