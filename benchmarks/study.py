@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pretrain-steps", type=int, default=800)
     p.add_argument("--anneal-steps", type=int, default=0,
                    help="second pre-training phase (AdamW 1e-3, cosine) from the first's model")
+    p.add_argument("--learning-rate", type=float, default=0.0,
+                   help="every method's optimizer.learning_rate (0 = the demo's 1e-4); a "
+                        "sensitivity run: use its own --root, sharing the base model is fine")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 2 seeds, 1 iteration of 6 updates, 40-step base, "
                         "small evaluations")
@@ -162,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         seeds = min(seeds, 2)
         kw = dict(iterations=1, updates=6, pretrain_steps=100, anneal_steps=0, num_samples=32, num_questions=16,
                   num_heldout=16, prompts_per_iteration=16)
-    study = ev.Study(args.root, ev.study_config(), **kw)
+    config = ev.study_config()
+    if args.learning_rate:
+        config.optimizer.learning_rate = args.learning_rate
+    study = ev.Study(args.root, config, **kw)
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in ev.METHODS or not ev.METHODS[m].available()]
     if unknown:
