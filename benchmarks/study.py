@@ -113,9 +113,32 @@ def report(study: ev.Study) -> dict:
     with open(os.path.join(study.root, "summary.json"), "w") as f:
         json.dump(out, f, indent=1)
     with open(os.path.join(study.root, "table.md"), "w") as f:
-        f.write(markdown(summary) + "\n\n" + "\n\n".join(
+        f.write(markdown(summary) + "\n\n")
+        for metric in ("validity", "answer_accuracy", "d_acc"):
+            f.write(f"{metric} over iterations:\n\n{trajectory(rows, metric, study.iterations)}\n\n")
+        f.write("\n\n".join(
             f"After iteration {t}:\n\n{markdown(s)}" for t, s in per_iter.items()) + "\n")
     return out
+
+
+def trajectory(rows: list[dict], metric: str, iterations: int) -> str:
+    """``metric`` per method (rows) and iteration (columns; 0 = the pre-trained model on the same
+    seeds), mean ± 95% half-width."""
+    lines = ["| method | " + " | ".join(f"it {t}" for t in range(iterations + 1)) + " |",
+             "|---" * (iterations + 2) + "|"]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        if m == "base":
+            continue
+        seeds = {r["seed"] for r in rows if r["method"] == m}
+        cells = []
+        for t in range(iterations + 1):
+            sel = [r for r in rows if r["method"] == "base" and r["seed"] in seeds] if t == 0 \
+                else [r for r in rows if (r["method"], r["iteration"]) == (m, t)]
+            mean, half, n = ev.mean_ci(r.get(metric) for r in sel)
+            cells.append("" if n == 0 else f"{mean:.3f}" if math.isnan(half)
+                         else f"{mean:.3f} ± {half:.3f}")
+        lines.append(f"| {ev.label(m)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown(summary: dict) -> str:
