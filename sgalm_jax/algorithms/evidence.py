@@ -43,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from sgalm_jax.config import save_config, to_dict
+from sgalm_jax.config import to_dict
 from sgalm_jax.training import multihost as mh
 
 log = logging.getLogger(__name__)
