@@ -1,23 +1,26 @@
 """The embedded default job (``python -m sgalm_jax.main``): SGALM end to end on a CPU, offline.
 
-Five phases, each a normal run of its algorithm in a subdirectory of the workdir (so an interrupted
-demo resumes where it stopped):
+It is the evidence study (:mod:`sgalm_jax.algorithms.evidence`, ``docs/evidence.md``) at one seed
+with two of its methods; each phase is a normal run in a subdirectory of the workdir (so an
+interrupted demo resumes where it stopped):
 
 1. **Tokenizer**: a byte-level BPE (512 tokens) trained on the arithmetic task's training texts
    and the SGALM prompts (built offline in a second; the task-trained vocabulary makes samples
    ~2x shorter than ``builtin:tiny``'s, which is most of the demo's speed).
 2. **Pre-training** (``pretrain/``, the ``sft`` algorithm): a small Qwen2-architecture model,
    randomly initialised, is trained on generator-format sequences (the SGALM generator prompt with
-   ``sgalm.num_shots`` real samples followed by one more real sample), until it writes mostly
-   well-formed samples. ``train.num_steps`` sets the length of this phase.
-3. **SGALM** (``sgalm/``, the ``sgalm`` algorithm) from the pre-trained model; every iteration
-   prints D's accuracy on held-out real vs held-out generated samples, the mean D on real and
-   generated samples, and the validity rate of the generated samples (the arithmetic checker).
-4. **Baseline** (``sft_continue/``): plain SFT from the same pre-trained model for the same number
-   of optimizer steps, with the same optimizer (``optimizer`` section) and batch size.
-5. **Comparison**: the pre-trained, SGALM and SFT-continued models each write the same number of
-   samples from the same prompts and seed (validity, well-formedness, diversity) and answer the same
-   held-out test questions greedily (exact match of the final answer).
+   ``sgalm.num_shots`` real samples followed by one more real sample) of the arithmetic task's
+   ``easy`` level, until it writes valid samples at a middling rate. ``train.num_steps`` sets the
+   length of this phase (batches of :data:`PRETRAIN_BATCH` records).
+3. **SGALM** (``runs/sgalm/seed_N``) from the pre-trained model; every iteration prints D's
+   accuracy on held-out real vs held-out generated samples, the mean D on real and generated
+   samples, and the validity rate of the generated samples (the task's checker and solver).
+   **Baseline** (``runs/sft/seed_N``): plain SFT from the same pre-trained model for the same
+   number of optimizer steps, with the same optimizer (``optimizer`` section) and batch size.
+4. **Comparison**: the study's table: the pre-trained, SGALM and SFT-continued models each write
+   the same samples' prompts at the same seed (validity, well-formedness, diversity, copies), are
+   read as SGALM's discriminator on held-out real vs their own samples, and answer the same test
+   questions greedily (exact match of the final answer).
 
 ``demo_config()`` is the demo's config (``configs/demo.py`` returns it). When the demo runs from
 the base config (no ``--config``), every key still at its base default takes the demo's value,
@@ -35,7 +38,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from sgalm_jax.algorithms import base_config
 from sgalm_jax.config import DEFAULTS, get, save_config, to_dict
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 PRETRAIN_LR = 3e-3
 PRETRAIN_WARMUP = 20
 PRETRAIN_RECORDS = 2000
+PRETRAIN_BATCH = 2  # small batches, many steps: lower loss per CPU second
 
 
 def demo_config() -> ml_collections.ConfigDict:
@@ -61,14 +64,14 @@ def demo_config() -> ml_collections.ConfigDict:
     config.tokenizer.path = ""  # the demo trains its own (phase 1)
     config.data.task = "arithmetic"
     config.data.max_length = 512
-    config.sgalm.task_options = {"min_steps": 1, "max_steps": 1, "max_value": 99}
+    config.sgalm.task_options = {"level": "easy"}  # one + or - up to 20 (docs/evidence.md)
     config.sgalm.num_shots = 2
     config.sgalm.iterations = 3
     config.sgalm.num_samples = 96
     config.sgalm.heldout_size = 32
     config.sgalm.rounds_per_iteration = 10
     config.sgalm.max_new_tokens = 0  # the 99th percentile of real sample lengths + 16
-    config.sgalm.temperature = 1.0
+    config.sgalm.temperature = 0.5  # docs/evidence.md: at 1.0 a 0.4M model writes noise
     config.sgalm.sample_batch_size = 48
     config.sgalm.score_batch_size = 32
     config.sgalm.final_samples = 0  # phase 5 evaluates every model the same way
@@ -78,7 +81,7 @@ def demo_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 10  # torch RMSProp's first steps are ~10x lr without it
     config.optimizer.max_grad_norm = 1.0
     config.train.batch_size = 16
-    config.train.num_steps = 200  # phase 2 (pre-training) steps
+    config.train.num_steps = 800  # pre-training steps (batches of PRETRAIN_BATCH records)
     config.checkpoint.every_steps = 0
     config.metrics.progress_bar = True
     return config
@@ -179,7 +182,7 @@ def _sft_config(config: Any, workdir: str, *, model_path: str, tokenizer: str, d
         c.optimizer.schedule = "cosine"
         c.optimizer.end_lr_factor = 0.05
         c.optimizer.weight_decay = 0.0
-        c.train.batch_size = 8
+        c.train.batch_size = PRETRAIN_BATCH
     else:
         c.model.init = ""
         c.model.hf_config = {}
@@ -187,76 +190,13 @@ def _sft_config(config: Any, workdir: str, *, model_path: str, tokenizer: str, d
     return c
 
 
-class Evaluator:
-    """Phase 5: the same prompts and seed for every model (one sampler: the models share a graph).
-
-    :meth:`__call__` gives the validity / well-formedness / diversity of ``num_samples`` generated
-    samples and the greedy answer accuracy on ``num_questions`` test questions.
-    """
-
-    def __init__(self, config: Any, tokenizer: Any, model_path: str, *, num_samples: int,
-                 num_questions: int):
-        from sgalm_jax import sharding as sh
-        from sgalm_jax.algorithms.sgalm_data import SGALMData
-        from sgalm_jax.data.prompts import sgalm_generator_prompt
-        from sgalm_jax.models import ModelConfig
-        from sgalm_jax.sampling import Sampler
-        from sgalm_jax.training.tokenizer import eos_token_id, pad_token_id
-
-        self.config, self.tokenizer = config, tokenizer
-        self.mesh = sh.make_mesh(dict(config.mesh))
-        mcfg = ModelConfig.from_hf(model_path)
-        self.eos = eos_token_id(tokenizer, mcfg.eos_token_ids)
-        self.data = SGALMData(config, tokenizer, eos_id=self.eos)
-        self.num_samples = num_samples
-        self.sampler = None
-        self._sampler_args = (Sampler, mcfg, pad_token_id(tokenizer, self.eos))
-        self.questions = self.data.task.load("test", limit=num_questions)
-        rng = random.Random(f"{config.seed}:questions")
-        self.prompts = []
-        for q in self.questions:
-            demos = [self.data.real_texts[i]
-                     for i in rng.sample(range(len(self.data.pool)), self.data.num_shots)]
-            self.prompts.append(self.data.encode(sgalm_generator_prompt(
-                demos, self.data.templates, prefix=self.data.task.format_prompt(q))))
-
-    def __call__(self, model_path: str) -> dict[str, float]:
-        from sgalm_jax.algorithms import diagnostics as diag
-        from sgalm_jax.models import load_pretrained
-        from sgalm_jax.training import split_model
-        from sgalm_jax.training.run_setup import sampler_options
-
-        graphdef, params = split_model(load_pretrained(model_path, mesh=self.mesh))
-        if self.sampler is None:
-            cls, mcfg, pad = self._sampler_args
-            rows = int(self.config.sgalm.sample_batch_size)
-            self.sampler = cls(graphdef, mcfg, pad_token_id=pad, mesh=self.mesh,
-                               min_batch_bucket=rows, **sampler_options(self.config, rows))
-        s, data = self.config.sgalm, self.data
-        max_new = int(s.max_new_tokens) or data.p99_length + 16
-        samples = data.generate(self.sampler, params, self.num_samples,
-                                rng_seed=(self.config.seed, 99), max_new_tokens=max_new,
-                                temperature=float(s.temperature), top_p=1.0, top_k=0,
-                                batch_size=int(s.sample_batch_size))
-        out = {"validity": float(np.mean([bool(x.valid) for x in samples])),
-               "well_formed": float(np.mean([x.well_formed for x in samples]))}
-        out.update(diag.diversity([x.text for x in samples], data.real_texts))
-        gen = self.sampler.generate(params, self.prompts, max_new_tokens=max_new,
-                                    temperature=0.0, stop_token_ids=(self.eos,),
-                                    rng=jax.random.key(0))
-        correct = []
-        for q, comp in zip(self.questions, gen.completions()):
-            text = self.tokenizer.decode(comp, skip_special_tokens=True)
-            text = text.split(data.templates.generator_stop)[0]
-            correct.append(data.task.score(q, text).correct)
-        out["answer_accuracy"] = float(np.mean(correct))
-        return out
-
-
 # ------------------------------------------------------------------------------------ run
+DEMO_METHODS = ("sgalm", "sft")
+
+
 def run(config: Any, workdir: str) -> dict[str, Any]:
-    """The five phases; prints the per-iteration SGALM diagnostics and the final comparison."""
-    from sgalm_jax.algorithms import sft, sgalm
+    """The phases; prints the per-iteration SGALM diagnostics and the study's table at seed 0."""
+    from sgalm_jax.algorithms import evidence
 
     start = time.perf_counter()
     config = overlay(demo_config(), config)
@@ -273,61 +213,37 @@ def run(config: Any, workdir: str) -> dict[str, Any]:
     def phase(msg: str) -> None:
         print(f"\n[{time.perf_counter() - start:6.1f}s] {msg}", flush=True)
 
-    tok_dir = os.path.join(workdir, "tokenizer")
-    phase("1/5 tokenizer: a 512-token BPE trained on the arithmetic task's texts")
-    tokenizer = build_tokenizer(config, tok_dir)
-    records = os.path.join(workdir, "data", "pretrain.jsonl")
-    pretrain_records(config, records, PRETRAIN_RECORDS)
-
-    phase(f"2/5 pre-training a small Qwen2-architecture model with SFT for "
-          f"{config.train.num_steps} steps (generator-format sequences)")
-    pre_dir = os.path.join(workdir, "pretrain")
-    pre_cfg = _sft_config(config, pre_dir, model_path="", tokenizer=tok_dir, data=records,
-                          steps=int(config.train.num_steps), pretrain=True)
-    sft.validate(pre_cfg)
-    if not mh.exists(os.path.join(pre_dir, "export", "config.json")):
-        sft.run(pre_cfg, pre_dir)
-    pre_model = os.path.join(pre_dir, "export")
-
-    phase("3/5 SGALM iterations from the pre-trained model")
-    sg_dir = os.path.join(workdir, "sgalm")
-    sg_cfg = _sub(config, algorithm="sgalm", workdir=sg_dir, **{
-        "model.init": "", "model.hf_config": {}, "model.path": pre_model,
-        "tokenizer.path": tok_dir})
-    sgalm.validate(sg_cfg)
-    steps_d, steps_g = sgalm.active_steps(sg_cfg)
-    rounds = int(sg_cfg.sgalm.rounds_per_iteration) or sgalm.SGALM(sg_cfg, sg_dir).rounds
-    num_updates = int(sg_cfg.sgalm.iterations) * rounds * (steps_d + steps_g)
-    if not mh.exists(os.path.join(sg_dir, "export", "config.json")):
-        sgalm.run(sg_cfg, sg_dir)
-
-    phase(f"4/5 baseline: plain SFT from the same pre-trained model for the same {num_updates} "
-          "optimizer steps")
-    ft_dir = os.path.join(workdir, "sft_continue")
-    ft_cfg = _sft_config(config, ft_dir, model_path=pre_model, tokenizer=tok_dir, data=records,
-                         steps=num_updates, pretrain=False)
-    sft.validate(ft_cfg)
-    if not mh.exists(os.path.join(ft_dir, "export", "config.json")):
-        sft.run(ft_cfg, ft_dir)
-
-    phase("5/5 comparison: the same prompts and seed for every model")
-    n_samples, n_questions = 96, 64
-    evaluate = Evaluator(sg_cfg, tokenizer, pre_model, num_samples=n_samples,
-                         num_questions=n_questions)
-    rows = {name: evaluate(path) for name, path in (
-        ("pre-trained", pre_model), ("SGALM", os.path.join(sg_dir, "export")),
-        ("SFT continued", os.path.join(ft_dir, "export")))}
-    cols = ("validity", "well_formed", "answer_accuracy", "distinct_2", "copies")
-    print(f"\n{'model':<15}" + "".join(f"{c:>17}" for c in cols))
-    for name, r in rows.items():
-        print(f"{name:<15}" + "".join(f"{r[c]:>17.3f}" for c in cols))
-    print(f"\nvalidity: share of {n_samples} generated samples whose every step checks out; "
-          f"answer_accuracy: {n_questions} test questions, greedy; copies: samples identical to a "
-          "training sample.")
+    iterations = int(config.sgalm.iterations)
+    updates = 2 * (int(config.sgalm.rounds_per_iteration) or 10)
+    study = evidence.Study(workdir, config, iterations=iterations, updates=updates,
+                           pretrain_steps=int(config.train.num_steps),
+                           evaluate_every_iteration=False, log=lambda m: print(m, flush=True))
+    level = dict(config.sgalm.task_options).get("level", "hard")
+    phase(f"1-2/4 tokenizer (a 512-token BPE on the arithmetic task's texts, level {level!r}) and "
+          f"pre-training a small Qwen2-architecture model with SFT for {config.train.num_steps} "
+          "steps (generator-format sequences)")
+    study.prepare()
+    phase(f"3/4 from the pre-trained model, seed {config.seed}: SGALM ({iterations} iterations of "
+          f"{updates} updates: 1 D + 1 G step per round) and, for the same {iterations * updates} "
+          "updates, plain SFT; each model is then evaluated the same way")
+    study.run_seed(int(config.seed), DEMO_METHODS)
+    phase("4/4 comparison: the same prompts, questions and held-out samples for every model")
+    rows = [r for r in study.results() if r["seed"] == int(config.seed)
+            and r["method"] in ("base",) + DEMO_METHODS]
+    summary = evidence.summarize(rows, iteration=iterations)
+    print("\n" + evidence.format_table(summary))
+    print(f"\n{study.num_samples} samples per model at temperature {config.sgalm.temperature} "
+          f"from {config.sgalm.num_shots}-shot prompts.")
+    for k, v in evidence.METRIC_DOC.items():
+        print(f"  {k}: {v}")
+    print("One seed: differences of a few points are noise. docs/evidence.md has every method "
+          "(SGALM d_only / g_only, SPIN, IRIS, GAD) over 5 seeds with 95% intervals and plots "
+          "(benchmarks/study.py reproduces it).")
     total = time.perf_counter() - start
-    print(f"demo finished in {total:.0f}s; runs in {workdir}/(pretrain|sgalm|sft_continue)")
-    summary = {"rows": rows, "seconds": round(total, 1), "sgalm_updates": num_updates}
+    print(f"demo finished in {total:.0f}s; runs in {workdir}/(pretrain|runs/<method>/seed_N)")
+    out = {"rows": {r["method"]: r for r in rows}, "seconds": round(total, 1),
+           "updates": iterations * updates}
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "demo_results.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-    return summary
+            json.dump(out, f, indent=2)
+    return out

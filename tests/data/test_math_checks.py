@@ -168,3 +168,73 @@ def test_check_steps_provenance_and_lenient_rounding():
     ok, reason = check_steps("5*4=<<5*4=20>>20\n#### 20", "Tom has 5 bags.", check_provenance=True)
     assert not ok and "operand 4" in reason
     assert check_steps("5*4=<<5*4=20>>20\n#### 20", "Tom has 5 bags of 4.", check_provenance=True)[0]
+
+
+# ------------------------------------------------------------------------------ levels and solver
+@pytest.mark.parametrize("level", ["easy", "medium", "hard"])
+def test_arithmetic_levels_are_solved_by_the_solver(level):
+    """Every generated problem of every level passes the step checker, and the task's own solver
+    reads the question and gets the gold answer."""
+    from sgalm_jax.data.arithmetic import LEVELS, solve_question
+
+    task = ArithmeticTask(seed=4, level=level, sizes={"train": 300})
+    opts = LEVELS[level]
+    for ex in task.load("train"):
+        assert task.check_sample(task.sample_text(ex)) == (True, "ok"), ex.question
+        solved, why = solve_question(ex.question)
+        assert why == "ok" and solved == int(ex.answer.rsplit("#### ", 1)[1])
+        n_steps = ex.answer.count("<<") - ex.answer.count("boxes hold") - ("Selling" in ex.answer)
+        assert opts["min_steps"] <= n_steps <= opts["max_steps"]
+    if level == "easy":  # one addition or subtraction, small numbers, 2 names x 2 item words
+        exs = task.load("train")
+        assert all(int(x) <= 30 for e in exs for x in re.findall(r"\d+", e.answer))
+        assert all(int(e.question.split()[2]) <= 15 for e in exs)
+        assert all("*" not in e.answer and "/" not in e.answer for e in exs)
+        assert {e.question.split()[0] for e in exs} == {"Mia"}
+        assert {e.question.split()[3].rstrip(".") for e in exs} == {"apples"}
+        assert len(ArithmeticTask(level="easy").load("train")) == 600  # the level's split size
+
+
+def test_arithmetic_options_override_the_level_and_bad_options_are_errors():
+    from sgalm_jax.errors import DataError
+
+    exs = ArithmeticTask(seed=1, level="easy", ops="sub", sizes={"test": 40}).load("test")
+    assert all(" - " in e.answer and " + " not in e.answer for e in exs)
+    exs = ArithmeticTask(seed=1, ops=["mul"], min_steps=1, max_steps=1, sell_prob=0.0,
+                         sizes={"test": 20}).load("test")
+    assert all("times as large" in e.question for e in exs)
+    with pytest.raises(DataError, match="unknown level 'trivial'"):
+        ArithmeticTask(level="trivial")
+    with pytest.raises(DataError, match="ops .*'pow'"):
+        ArithmeticTask(ops="add,pow")
+    with pytest.raises(DataError, match="min_steps <= max_steps"):
+        ArithmeticTask(min_steps=3, max_steps=2)
+    with pytest.raises(DataError, match="sell_prob"):
+        ArithmeticTask(sell_prob=1.5)
+
+
+def test_check_sample_rejects_ill_posed_questions_with_consistent_steps():
+    """A sample whose worked answer checks out but whose question is not a story of the task
+    (another item word midway, giving away more than there is, no question) is invalid."""
+    from sgalm_jax.data.arithmetic import solve_question
+
+    task = ArithmeticTask(level="easy")
+    good = ("Question: Mia has 7 apples. She buys 5 more apples. How many apples does Mia have "
+            "now?\nAnswer: Mia then has 7 + 5 = <<7+5=12>>12 apples.\n#### 12")
+    assert task.check_sample(good) == (True, "ok")
+    other_item = good.replace("buys 5 more apples", "buys 5 more marbles")
+    assert not task.check_sample(other_item)[0] and "marbles" in task.check_sample(other_item)[1]
+    wrong_final = good.replace("12 apples.\n#### 12", "12 apples.\n#### 13")
+    assert not task.check_sample(wrong_final)[0]
+    # the arithmetic is right, but the question asks about someone else
+    who = good.replace("does Mia have", "does Noah have")
+    assert not task.check_sample(who)[0]
+    assert solve_question("Mia has 3 apples. Then she gives 5 apples to a friend. How many "
+                          "apples does Mia have now?")[0] is None
+    assert solve_question("Mia has 3 apples. How many apples does Mia have now?") == (
+        None, "no story step between the start and the question")
+    assert solve_question("Mia has 3 apples. She buys 2 more apples.")[0] is None
+    assert solve_question("Mia has 12 apples. She splits the apples equally into 3 bags and "
+                          "keeps only one bag. Then the number of apples Mia has becomes 5 times "
+                          "as large. Each of the apples sells for $2. How much money does Mia "
+                          "make by selling all of them?") == (40, "ok")
