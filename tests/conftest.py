@@ -8,12 +8,7 @@ from __future__ import annotations
 
 import os
 
-# 8 simulated CPU devices. XLA:CPU aborts a process whose in-process collective waits more than
-# 40 s for one of its devices (default): on a loaded 2-core machine a scanned, FSDP-sharded step
-# over 8 devices has hit that limit while merely slow (the same test passes on a quiet machine),
-# so tests allow 10 minutes. Subprocesses (the multi-host launcher) inherit the flag.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
-                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
