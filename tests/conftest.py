@@ -164,3 +164,19 @@ def jail_sandbox_factory():
             pytest.skip(str(e))
 
     return make
+
+
+def cli_env(cache_dir: Path | str, *, devices: int = 2, fault: str | None = None) -> dict[str, str]:
+    """The environment of a ``python -m sgalm_jax.main`` subprocess in a CLI test: ``devices``
+    simulated CPU devices, a persistent compilation cache shared by a test's runs, offline HF,
+    quiet logs, and ``$SGALM_FAULT_INJECT`` set to ``fault`` (or unset)."""
+    env = dict(os.environ)
+    env.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+                "HF_HUB_OFFLINE": "1", "SGALM_LOG_LEVEL": "WARNING"})
+    env.pop("SGALM_FAULT_INJECT", None)
+    if fault:
+        env["SGALM_FAULT_INJECT"] = fault
+    return env

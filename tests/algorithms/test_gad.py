@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +26,7 @@ from sgalm_jax.algorithms.grpo_data import Rollout, load_rollout_records
 from sgalm_jax.config import load_config_file, validate_config
 from sgalm_jax.errors import ConfigError, DataError
 from sgalm_jax.training import Checkpointer, copy_params
+from tests.conftest import cli_env
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "gad_tiny.py")
@@ -249,15 +249,7 @@ def test_distillation_files_name_the_missing_teacher_key_and_line(tmp_path):
 
 # ------------------------------------------------------------------------------ CLI + resume
 def _cli(workdir, cache_dir, warmup_dir, *extra, fault=None):
-    env = dict(os.environ)
-    env.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-                "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-                "HF_HUB_OFFLINE": "1", "SGALM_LOG_LEVEL": "WARNING"})
-    env.pop("SGALM_FAULT_INJECT", None)
-    if fault:
-        env["SGALM_FAULT_INJECT"] = fault
+    env = cli_env(cache_dir, fault=fault)
     cmd = [sys.executable, "-m", "sgalm_jax.main", f"--config={TINY}",
            f"--config.workdir={workdir}", "--config.checkpoint.async_save=false",
            "--config.mesh.data=2", "--config.gad.stage=gad",

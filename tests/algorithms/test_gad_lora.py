@@ -8,7 +8,6 @@ exports equal transformers + peft with the exported PEFT adapters (CAUSAL_LM and
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,21 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import cli_env
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
 
 def _cli(workdir, cache_dir, base, fault=None):
-    env = dict(os.environ)
-    env.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-                "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
-                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
-                "HF_HUB_OFFLINE": "1", "SGALM_LOG_LEVEL": "WARNING"})
-    env.pop("SGALM_FAULT_INJECT", None)
-    if fault:
-        env["SGALM_FAULT_INJECT"] = fault
+    env = cli_env(cache_dir, fault=fault)
     cmd = [sys.executable, "-m", "sgalm_jax.main", f"--config={REPO / 'configs' / 'gad_tiny.py'}",
            f"--config.workdir={workdir}", "--config.checkpoint.async_save=false",
            "--config.mesh.data=2", "--config.gad.stage=gad", "--config.gad.eval_examples=0",
