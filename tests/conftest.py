@@ -22,6 +22,13 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
+def pytest_collection_modifyitems(config, items):
+    """The slow modules (multi-host runs, minutes each) first: under ``pytest -n 2 --dist
+    loadfile`` (README's test command) one worker starts on them while the other takes the rest,
+    instead of one worker finishing them alone at the end."""
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1)  # stable sort
+
+
 # Small shapes shared by every test module so jit caches are reused.
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=1000, max_position_embeddings=4096)

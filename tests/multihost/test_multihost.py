@@ -149,7 +149,7 @@ CASES = [
         Run(variant, "sgalm_tiny.py", SGALM_SMALL + (
             f"--config.sgalm.variant={variant}", "--config.sgalm.iterations=1",
             "--config.sgalm.final_samples=0"), samples=("samples/*.jsonl",))
-        for variant in ("full", "d_only", "g_only"))),
+        for variant in ("full",))),
     Case("selfplay_grpo", preempt=4, preempted=2, runs=(
         Run("iris", "selfplay_tiny.py", PRETRAINED + SGD + DATA_2 + (
             "--config.selfplay.loss=iris", "--config.selfplay.alpha_schedule=adaptive",
