@@ -199,16 +199,22 @@ def _insert(prog: _EngineProgram, slots: _Slots, stash: _Stash, slot_ids, src, r
                   logprobs=scatter(slots.logprobs, row_lps))
 
 
-def _decode(graphdef, prog: _EngineProgram, state, slots: _Slots, waiting, refill_min,
+def _head(graphdef, state) -> jax.Array:
+    """The output head as [hidden, vocab] (a transposed copy of a tied embedding), made once per
+    run: inside ``decode`` the copy would be redone on every call (a refill is a call)."""
+    return _head_kernel(nnx.merge(graphdef, state))
+
+
+def _decode(graphdef, prog: _EngineProgram, state, head, slots: _Slots, waiting, refill_min,
             shrink_at, temperature, top_p) -> _Slots:
     """Decode steps of every slot until all have stopped, until ``refill_min`` slots are free while
     ``waiting`` rows still need one, or, with none waiting, until at most ``shrink_at`` slots are
-    live (the host then moves them to a smaller program; -1 = never)."""
+    live (the host then moves them to a smaller program; -1 = never). ``head``: the
+    [hidden, vocab] output head when ``prog.head_nn`` (see :func:`_head`), else None."""
     model: CausalLM = nnx.merge(graphdef, state)
     s = prog.slots
     ones = jnp.ones((s, 1), bool)
     rows = jnp.arange(s)
-    head = _head_kernel(model) if prog.head_nn else None
 
     def cond(x: _Slots):
         live = jnp.sum(x.active.astype(jnp.int32))
@@ -257,7 +263,7 @@ def _compact(slots: _Slots, order) -> _Slots:
 # dispatch-cache size can hold two entries for one executable (seen with donated, sharded inputs),
 # and a count of programs should count programs.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_PROGRAM_NAMES = ("_init", "_prefill", "_insert", "_decode", "_compact")
+_PROGRAM_NAMES = ("_init", "_prefill", "_insert", "_decode", "_compact", "_head")
 _active_counter: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "sgalm_engine_compiles", default=None)
 
@@ -318,6 +324,8 @@ class ContinuousEngine:
         self.config = config
         self.compiler_options = dict(compiler_options) if compiler_options else None
         self._programs: dict[tuple, tuple[Any, ...]] = {}
+        self._head = jax.jit(functools.partial(_head, graphdef),
+                             compiler_options=self.compiler_options)
         self._compiles = [0]
         self.last_run: dict[str, Any] = {}  # decode calls, prefills, slot sizes of the last run
 
@@ -345,7 +353,7 @@ class ContinuousEngine:
             insert = jax.jit(functools.partial(_insert, prog), donate_argnums=(0,),
                              out_shardings=out, compiler_options=opts)
             decode = jax.jit(functools.partial(_decode, self.graphdef, prog),
-                             donate_argnums=(1,), out_shardings=out, compiler_options=opts)
+                             donate_argnums=(2,), out_shardings=out, compiler_options=opts)
             compact = jax.jit(_compact, out_shardings=out, compiler_options=opts)
             self._programs[key] = (init, prefill, insert, decode, compact)
         return self._programs[key]
@@ -425,6 +433,7 @@ class ContinuousEngine:
         next_row, stash, stash_lo, stash_hi = 0, None, 0, 0
         decode_calls = prefills = 0
         sizes = [s]
+        head = self._head(state) if prog.head_nn else None
         x = init()
         while True:
             free = np.flatnonzero(slot_row < 0).tolist()
@@ -452,8 +461,8 @@ class ContinuousEngine:
             if next_row >= n_rows and (slot_row < 0).all():
                 break
             shrink_at = s // 2 if next_row >= n_rows and s // 2 >= min_slots else -1
-            x = decode(state, x, jnp.int32(n_rows - next_row), refill_min, jnp.int32(shrink_at),
-                       temp, p_top)
+            x = decode(state, head, x, jnp.int32(n_rows - next_row), refill_min,
+                       jnp.int32(shrink_at), temp, p_top)
             decode_calls += 1
             # Slot-sharded over every host's devices on a multi-host mesh: gathered to each process
             # (the same values everywhere, so every process takes the same scheduling decisions).
@@ -474,7 +483,7 @@ class ContinuousEngine:
                 x = compact(x, put(order.astype(np.int32)))
                 slot_row = slot_row[order]
                 sizes.append(s)
-        del x
+        del x, head
         return EngineResult(tokens=out_tokens, logprobs=out_lps, lengths=out_len,
                             finished=out_fin, decode_calls=decode_calls, prefills=prefills,
                             slot_sizes=tuple(sizes))
