@@ -80,7 +80,8 @@ class Method:
     """One method of the study: how to train ``iterations`` iterations from the base model.
 
     ``run(study, config, workdir, iterations)`` leaves the model after iteration ``t`` (1-based)
-    in ``workdir/iterations/iter_{t:03d}`` (an HF export) for every ``t <= iterations``.
+    in ``workdir/iterations/iter_{t:03d}`` (an HF export) for every ``t <= iterations`` (only
+    for ``t = iterations`` when ``study.evaluate_every_iteration`` is off).
     """
 
     name: str
@@ -103,6 +104,16 @@ def _keep_export(workdir: str, t: int) -> None:
         os.replace(os.path.join(workdir, "export"), dst)
 
 
+def _exported_iterations(study: "Study", iterations: int, first: int = 1) -> list[int]:
+    """The iterations whose model is evaluated, so exported: every one, or only the last when the
+    study evaluates the end alone (the demo). A chain of runs resumed iteration by iteration ends
+    where one run straight to the last iteration does (the resume tests), so skipping the
+    intermediate runs saves their restarts and compilations without changing the result."""
+    if study.evaluate_every_iteration:
+        return list(range(first, iterations + 1))
+    return [iterations] if iterations >= first else []
+
+
 def _run_sft(study: "Study", config: ml_collections.ConfigDict, workdir: str,
              iterations: int) -> None:
     """Continued SFT on the pre-training data (generator-format sequences, one per row, unpacked:
@@ -111,7 +122,7 @@ def _run_sft(study: "Study", config: ml_collections.ConfigDict, workdir: str,
     learning rate after the warmup, so the chain is one run)."""
     from sgalm_jax.algorithms import sft
 
-    for t in range(1, iterations + 1):
+    for t in _exported_iterations(study, iterations):
         if mh.exists(os.path.join(iteration_dir(workdir, t), "config.json")):
             continue
         c = _sub(config, algorithm="sft", workdir=workdir, **{
@@ -131,7 +142,7 @@ def _sgalm_runner(variant: str) -> Callable[..., None]:
         from sgalm_jax.algorithms import sgalm
 
         per_round = 2 if variant == "full" else 1
-        for t in range(1, iterations + 1):
+        for t in _exported_iterations(study, iterations):
             if mh.exists(os.path.join(iteration_dir(workdir, t), "config.json")):
                 continue
             c = _sub(config, algorithm="sgalm", workdir=workdir, **{
@@ -218,7 +229,7 @@ def _run_gad(study: "Study", config: ml_collections.ConfigDict, workdir: str,
         if mh.is_main():
             os.makedirs(os.path.join(workdir, "iterations"), exist_ok=True)
             shutil.copytree(os.path.join(warm_dir, "export"), iteration_dir(workdir, 1))
-    for t in range(2, iterations + 1):
+    for t in _exported_iterations(study, iterations, first=2):
         if mh.exists(os.path.join(iteration_dir(workdir, t), "config.json")):
             continue
         c = _sub(config, algorithm="gad", workdir=workdir, **common, **{

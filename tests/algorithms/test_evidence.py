@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -85,3 +86,35 @@ def test_study_resumes_from_its_results_file(tmp_path):
         assert calls == [] and len(study.results()) == 3
     finally:
         ev.METHODS.pop("probe")
+
+
+@pytest.mark.parametrize("every", [True, False])
+def test_runners_export_only_the_evaluated_iterations(tmp_path, monkeypatch, every):
+    """SFT and SGALM chain one resumed run per iteration when every iteration is evaluated (the
+    study); with only the last evaluated (the demo) they make one run straight to it."""
+    from sgalm_jax.algorithms import sft, sgalm
+
+    runs = []
+
+    def fake_run(kind):
+        def run(config, workdir):
+            runs.append((kind, int(config.train.num_steps) if kind == "sft"
+                         else int(config.sgalm.iterations)))
+            os.makedirs(os.path.join(workdir, "export"))
+            with open(os.path.join(workdir, "export", "config.json"), "w") as f:
+                f.write("{}")
+        return run
+
+    monkeypatch.setattr(sft, "run", fake_run("sft"))
+    monkeypatch.setattr(sgalm, "run", fake_run("sgalm"))
+    monkeypatch.setattr(sft, "validate", lambda c: None)
+    monkeypatch.setattr(sgalm, "validate", lambda c: None)
+    study = ev.Study(str(tmp_path), ev.study_config(), iterations=3, updates=20,
+                     evaluate_every_iteration=every, log=lambda m: None)
+    for name in ("sft", "sgalm"):
+        workdir = str(tmp_path / name)
+        ev.METHODS[name].run(study, study.method_config(0), workdir, 3)
+        done = sorted(os.listdir(os.path.join(workdir, "iterations")))
+        assert done == (["iter_001", "iter_002", "iter_003"] if every else ["iter_003"])
+    assert runs == ([("sft", 20), ("sft", 40), ("sft", 60), ("sgalm", 1), ("sgalm", 2),
+                     ("sgalm", 3)] if every else [("sft", 60), ("sgalm", 3)])
