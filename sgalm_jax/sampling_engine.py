@@ -8,7 +8,8 @@ scan; ``P`` the prompt bucket, ``W`` the longest row's token budget). When a row
 token, or its own maximum length) its slot takes the next waiting row, so every decode step works on
 ``S`` live rows until the queue is empty. All shapes are fixed per (slots, prompt bucket, width,
 sampling mode, stop ids): a call configuration compiles 4 programs, plus 2 per smaller slot count
-the tail shrinks to (at most 8 with the defaults), whatever the prompts and lengths.
+the tail shrinks to (at most 8 with the defaults), whatever the prompts and lengths; plus, once per
+engine, ``head`` (below) for a tied head on CPU.
 
 Programs (``ContinuousEngine.num_compilations`` counts them):
 
@@ -24,6 +25,8 @@ Programs (``ContinuousEngine.num_compilations`` counts them):
   when the live rows fit in half the slots.
 * ``compact``: in that tail, the live rows gathered into a state with half the slots (down to
   ``min_slots``), decoded from then on by the ``decode`` program of that size.
+* ``head``: on CPU with a tied head, the ``[hidden, vocab]`` copy of the embedding that decode
+  multiplies by, made once per call (inside ``decode`` it would be redone at every refill).
 
 The host loop between them only moves small per-slot vectors: which slots ended, and their rows.
 
