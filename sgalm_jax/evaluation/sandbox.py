@@ -93,10 +93,12 @@ def imported_modules(*sources: str) -> list[str]:
     import ast
     import re
 
+    from sgalm_jax.evaluation.verdict import parse_source
+
     names: list[str] = []
     for src in sources:
         try:
-            tree = ast.parse(src)
+            tree = parse_source(src)
         except (SyntaxError, ValueError):
             for m in re.finditer(r"^\s*(?:from\s+([\w.]+)\s+import|import\s+([\w., ]+))", src, re.M):
                 for part in (m.group(1) or m.group(2)).split(","):

@@ -39,6 +39,7 @@ import fractions
 import math
 import operator
 import sys
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,12 +105,24 @@ _PLAIN_ATTRS = {complex: frozenset({"real", "imag"}), int: frozenset({"real", "i
                 float: frozenset({"real", "imag"}), fractions.Fraction: frozenset({"numerator", "denominator"})}
 
 
+# CPython 3.11 keeps the AST constructor's recursion counter in interpreter-wide state, so two
+# threads parsing at once can fail with "SystemError: AST constructor recursion depth mismatch"
+# (seen with the sandbox's worker threads under load; fixed in later CPython releases). Every
+# parse of the evaluation path goes through this lock.
+_PARSE_LOCK = threading.Lock()
+
+
+def parse_source(source: str) -> ast.Module:
+    """``ast.parse(source)``, one thread at a time (see ``_PARSE_LOCK``)."""
+    with _PARSE_LOCK:
+        return ast.parse(source)
+
 def defined_names(source: str) -> frozenset[str]:
     """Names a module binds at top level (defs, classes, assignments, imports, for/with targets).
 
     A source that does not parse defines nothing (it will fail in the sandbox anyway)."""
     try:
-        tree = ast.parse(source)
+        tree = parse_source(source)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return frozenset()
     out: set[str] = set()
@@ -194,7 +207,7 @@ def plan_tests(tests: str, names_under_test: Iterable[str] = ()) -> TestPlan:
     if len(tests) > MAX_TEST_CHARS:
         raise UnsupportedTest(f"tests longer than {MAX_TEST_CHARS} characters")
     try:
-        tree = ast.parse(tests)
+        tree = parse_source(tests)
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
         raise UnsupportedTest(f"tests do not parse: {type(e).__name__}: {e}") from None
     # Module names of the judge (math, sys...) always stay the judge's: a reference that imports
