@@ -28,6 +28,26 @@ generation batch are estimates):
 | 1 x 80 GB GPU, with ``--config.gad.d_grad_accum_steps=256`` | 126.5 | 10.65 | 16.4 | 7.9 | 34.9: fits |
 | TPU v5e-8 (8 x 16 GB) | 15.8 | 1.33 | 14.4 | 1.0 | 16.7: does NOT fit |
 
+COMPILED for v5e-8 (``python -m sgalm_jax.main --config configs/gad_qwen3b_lmsys_lora.py:gad
+--config.model.architecture=qwen2.5-3b --compile-only=v5e-8``, libtpu 0.0.42.1; GiB per chip,
+peak = args + outputs - donated + temporaries + resident), confirming the computed verdict:
+
+| program | args | temp | resid | peak |
+|---|---:|---:|---:|---:|
+| D step (256 x 9 x 3584) | 0.90 | 15.60 | 0.22 | **16.72: does NOT fit** |
+| student GRPO step (2048 x 3584) | 0.90 | 1.96 | 0.22 | 3.09 |
+| reference log-probs (8 x 3584) | 0.77 | 1.36 | 0.33 | 2.47 |
+| D score pass (72 x 3584) | 0.78 | 12.20 | 0.33 | 13.31 |
+| sampler prefill (8 x 2048 prompt, 64 rows x 3584 cache) | 0.77 | 1.46 | 0.33 | 3.55 |
+| sampler decode (64 rows x 3584 cache) | 1.76 | 2.19 | 0.33 | 4.29 |
+
+With the shorter sequences below (``--config.distill.max_prompt_tokens=1024
+--config.distill.max_response_tokens=1024 --config.data.max_length=2048
+--config.gad.rollout_batch_size=32``) every program fits a v5e-8 chip (compiled): D step
+(256 x 9 x 2048) **10.19**, D score pass 9.04, student GRPO step 2.63, reference log-probs 2.46,
+sampler prefill 2.83, decode 3.43 (sampler rows as compile-only lists them: 8 x 1024 prompts, 64
+rows x 2048 cache).
+
 With LoRA the bf16 base (5.75 on one device) is held once for student, discriminator and
 reference; each adapter set is 119.7M params (fp32, + gradients with the fp32 accumulator, + AdamW
 moments), the reference a copy of the student's adapters. On a v5e-8 the paper's sequence lengths
