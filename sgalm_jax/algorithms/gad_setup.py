@@ -4,7 +4,6 @@ programs ``--compile-only`` compiles (:mod:`sgalm_jax.algorithms.gad` runs the l
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Any
 
@@ -27,8 +26,6 @@ from sgalm_jax.config import FREE_FORM, register_section, resolve_mesh
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.policy_gradient import ADV_SCALES, KL_ESTIMATORS
 from sgalm_jax.training import Roles, make_optimizer, split_model, trainable_mask
-
-log = logging.getLogger(__name__)
 
 STAGES = ("warmup", "gad")
 

@@ -67,9 +67,6 @@ from sgalm_jax.algorithms.selfplay_setup import (  # noqa: F401
     validate,
 )
 from sgalm_jax.errors import ConfigError
-from sgalm_jax.training import multihost as mh
-from sgalm_jax.training.finite import FiniteGuard
-from sgalm_jax.training.run_setup import sampler_options, setup_run
 from sgalm_jax.training import (
     Checkpointer,
     MetricsWriter,
@@ -80,6 +77,9 @@ from sgalm_jax.training import (
     make_optimizer,
     merge_model,
 )
+from sgalm_jax.training import multihost as mh
+from sgalm_jax.training.finite import FiniteGuard
+from sgalm_jax.training.run_setup import sampler_options, setup_run
 
 log = logging.getLogger(__name__)
 

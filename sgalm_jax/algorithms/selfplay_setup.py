@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import logging
 from typing import Any, Callable
 
 import jax
@@ -20,8 +19,6 @@ from sgalm_jax.errors import ConfigError
 from sgalm_jax.losses.common import causal_lm_logprobs, sequence_logprobs_from_hidden, shift_targets
 from sgalm_jax.training.aot import Program, abstract_batch
 from sgalm_jax.training import Roles, make_optimizer, model_loss, split_model, trainable_mask
-
-log = logging.getLogger(__name__)
 
 GAP_ESTIMATORS = ("likelihood", "logratio")
 

@@ -5,7 +5,6 @@ compiles and the roles of each variant (:mod:`sgalm_jax.algorithms.sgalm` runs t
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any
 
@@ -25,8 +24,6 @@ from sgalm_jax.training.aot import resident as aot_resident
 from sgalm_jax.training.model_setup import build_model, model_config
 from sgalm_jax.training.run_setup import tokenizer_source
 from sgalm_jax.training.tokenizer import BUILTIN_TINY, LabelTokenIds
-
-log = logging.getLogger(__name__)
 
 VARIANTS = ("full", "d_only", "g_only", "two_models")
 SAMPLE_FORMATS = ("full", "answer")

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 from typing import Any, Callable
 
 import jax
@@ -17,8 +16,6 @@ from sgalm_jax.algorithms.sgalm_data import pad_rows
 from sgalm_jax.losses.common import sequence_logprobs_from_hidden, shift_targets
 from sgalm_jax.losses.sgalm import discriminator_loss, discriminator_score_logits, generator_loss
 from sgalm_jax.training.tokenizer import LabelTokenIds
-
-log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------ losses

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from sgalm_jax.evaluation.jail import SandboxUnavailable, jail_command, jail_status
-from sgalm_jax.evaluation.verdict import UnsupportedTest, VerdictError, decode_value, defined_names, judge, plan_tests
+from sgalm_jax.evaluation.verdict import (UnsupportedTest, VerdictError, decode_value, defined_names,
+                                         judge, parse_source, plan_tests)
 
 __all__ = ["ISOLATION_MODES", "Sandbox", "SandboxConfig", "SandboxResult", "SandboxUnavailable", "run_program"]
 
@@ -92,8 +93,6 @@ def imported_modules(*sources: str) -> list[str]:
     """
     import ast
     import re
-
-    from sgalm_jax.evaluation.verdict import parse_source
 
     names: list[str] = []
     for src in sources:
