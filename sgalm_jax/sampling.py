@@ -262,7 +262,9 @@ def _constrain(x: jax.Array, mesh: Mesh | None, spec: P) -> jax.Array:
 
 
 def _cache_spec(config: ModelConfig, mesh: Mesh | None, batch: int, length: int) -> P:
-    """Sharding of the stacked KV cache [L, B, kv_heads, S, head_dim] (the KVCache layout)."""
+    """Sharding of the stacked KV cache's values [L, B, kv_heads, S, head_dim], and of its keys
+    [L, B, kv_heads, head_dim, S] (the KVCache layouts: the same spec, since neither the length nor
+    head_dim axis is sharded)."""
     if mesh is None:
         return P()
     shape = (config.num_hidden_layers, batch, config.num_key_value_heads, length, config.head_dim)

@@ -75,7 +75,8 @@ def test_stacked_cache_decodes_like_a_full_forward_and_like_a_per_layer_cache():
     graphdef, params = nnx.split(model)
     ids = jnp.asarray(np.random.RandomState(1).randint(0, 97, (2, 8)))
     stacked = KVCache.init(model.config, 2, 12)
-    assert stacked.stacked and stacked.k.shape == (2, 2, 2, 12, 8)
+    assert stacked.stacked and stacked.k.shape == (2, 2, 2, 8, 12)
+    assert stacked.v.shape == (2, 2, 2, 12, 8)
     per_layer = KVCache(k=tuple(stacked.k), v=tuple(stacked.v), valid=stacked.valid,
                         index=stacked.index)
 
