@@ -110,7 +110,8 @@ def test_greedy_token_identical_to_static_on_ragged_workload(qwen2):
 
 
 def test_greedy_matches_transformers_with_sliding_window_one_slot(hf_model_dir):
-    """Mistral's sliding window (96) with per-row write slots; one slot, so rows run in turn."""
+    """Mistral's sliding window (96) over the engine's ring of write positions (the second row wraps
+    around it); one slot, so rows run in turn."""
     ours = load_pretrained(hf_model_dir("mistral"))
     hf = make_hf_model("mistral")
     rs = np.random.RandomState(7)

@@ -100,9 +100,13 @@ class KVCache:
     """Preallocated keys/values of every layer for incremental decoding.
 
     All rows of a (left-padded) batch write at the same slot ``index`` (an int32 scalar), or, when
-    ``index`` is an int32 vector [B], each row writes at its own slot (rows at different lengths, as
-    a continuous-batching engine keeps them); ``valid`` marks the slots that hold real tokens, so
-    padding never receives attention.
+    ``index`` is an int32 vector [B], each row writes at its own slot (rows at different lengths);
+    ``valid`` marks the slots that hold real tokens, so padding never receives attention. Slots are
+    in time order (a query attends to the valid slots up to its own), unless ``positions`` [B, S]
+    is given: then each slot's token position is stored there (written with the keys), and a query
+    attends to the valid slots whose position is not after its own, in any slot order. That lets
+    rows at different positions share one write slot per step (a ring of slots, as the
+    continuous-batching engine keeps them): a contiguous write instead of a per-row scatter.
 
     Layout: ``k`` and ``v`` are stacked over the layers (:meth:`init` makes them so): the scanned
     decoder carries the whole stack through its layer scan and writes each step's new keys in
@@ -120,6 +124,7 @@ class KVCache:
     v: jax.Array | tuple[jax.Array, ...]  # [L, B, kv_heads, S, head_dim] (or L x [B, KV, S, D])
     valid: jax.Array  # [B, S] bool
     index: jax.Array  # int32 scalar, or [B]: next slot to write (shared or per row)
+    positions: jax.Array | None = None  # [B, S] int32: each slot's token position (unordered slots)
 
     @classmethod
     def init(cls, config: ModelConfig, batch: int, length: int, dtype=None) -> "KVCache":
@@ -353,19 +358,28 @@ class DecoderModel(nnx.Module):
             positions = positions_from_mask(attention_mask)
         cos, sin = rotary_cos_sin(positions, inverse_frequencies(self.config))
 
+        # q_slot [1 or B, T] and k_slot [1 or B, S]: where queries and keys sit in time (slot
+        # indices of an ordered cache, where slot distance equals token distance within a row)
+        key_pos = None
         if cache is None:
-            key_valid, q_slot, k_slot = attention_mask, jnp.arange(t)[None], jnp.arange(t)
+            key_valid, q_slot, k_slot = attention_mask, jnp.arange(t)[None], jnp.arange(t)[None]
+        elif cache.positions is not None:  # unordered slots: time order from stored positions
+            start = (0, cache.index)
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, start)
+            key_pos = jax.lax.dynamic_update_slice(cache.positions,
+                                                   positions.astype(cache.positions.dtype), start)
+            q_slot, k_slot = positions, key_pos
         elif jnp.ndim(cache.index) == 0:
             key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
-            q_slot, k_slot = (cache.index + jnp.arange(t))[None], jnp.arange(cache.length)
+            q_slot, k_slot = (cache.index + jnp.arange(t))[None], jnp.arange(cache.length)[None]
         else:  # a write slot per row
             q_slot = cache.index[:, None] + jnp.arange(t)[None, :]  # [B, T]
             key_valid = cache.valid.at[jnp.arange(b)[:, None], q_slot].set(attention_mask,
                                                                            mode="drop")
-            k_slot = jnp.arange(cache.length)
-        causal = k_slot[None, None, :] <= q_slot[:, :, None]  # [1 or B, T, S]
-        if self.config.sliding_window:  # slot distance equals token distance within a row
-            causal = causal & (q_slot[:, :, None] - k_slot[None, None, :]
+            k_slot = jnp.arange(cache.length)[None]
+        causal = k_slot[:, None, :] <= q_slot[:, :, None]  # [1 or B, T, S]
+        if self.config.sliding_window:
+            causal = causal & (q_slot[:, :, None] - k_slot[:, None, :]
                                < self.config.sliding_window)
         mask = causal & key_valid[:, None, :]  # [B, T, S]
         if cache is None:  # packed rows: a token attends only within its own example
@@ -378,7 +392,7 @@ class DecoderModel(nnx.Module):
         if cache is None:
             return x, None
         k, v = cache_kv
-        return x, KVCache(k=k, v=v, valid=key_valid, index=cache.index + t)
+        return x, KVCache(k=k, v=v, valid=key_valid, index=cache.index + t, positions=key_pos)
 
     def _run_layers(self, x, cos, sin, mask, segments, cache: KVCache | None):
         """The layer stack: scanned or unrolled; returns (x, (k, v) of the cache or None)."""
