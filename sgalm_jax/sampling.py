@@ -635,16 +635,38 @@ class Sampler:
     def abstract_programs(self, state: Any, *, rows: int, prompt_tokens: int,
                           max_new_tokens: int, num_samples: int = 1, temperature: float = 1.0,
                           top_k: int | None = None, top_p: float | None = None,
-                          mesh: Mesh | None = None) -> list[tuple[str, Any, Any]]:
-        """``[(name, jitted, args)]`` of the prefill and decode programs that a call with ``rows``
-        prompts of up to ``prompt_tokens`` tokens would run, for ahead-of-time compilation
+                          mesh: Mesh | None = None,
+                          engine: str | None = None) -> list[tuple[str, Any, Any]]:
+        """``[(name, jitted, args)]`` of the programs that a call with ``rows`` prompts of up to
+        ``prompt_tokens`` tokens would run, for ahead-of-time compilation
         (``sgalm_jax.compile_only``). ``state`` may be abstract (``jax.ShapeDtypeStruct`` with
-        shardings). The decode's ``args`` is a function of the compiled prefill (its output
-        shardings place the decode state)."""
+        shardings). A program's ``args`` may be a function of the program compiled before it (its
+        output shardings place the next one's inputs).
+
+        ``engine`` (default: the sampler's): the static engine gives its prefill and decode, for a
+        batch of ``rows`` prompts capped by ``max_batch_size`` as :meth:`generate` chunks them;
+        the continuous engine (also ``"auto"`` when the sampler has a row bound, since the
+        algorithms pass whole workloads) its prefill, insert and decode at ``num_slots`` (or
+        ``max_batch_size``) slots."""
         mesh = mesh if mesh is not None else self.mesh
         dp = data_parallel_size(mesh) if mesh is not None else 1
         mode = _make_mode(float(temperature), top_k, top_p)
         stop = tuple(sorted(set(self.config.eos_token_ids)))
+        engine = engine or self.engine
+        if engine == "auto":
+            bound = self.num_slots or self.max_batch_size
+            engine = "continuous" if bound is not None else "static"
+        if engine == "continuous":
+            platform = mesh.devices.flat[0].platform if mesh is not None else None
+            slots = int(self.num_slots or self.max_batch_size or rows * num_samples)
+            return self.continuous_engine.abstract_programs(
+                state, num_prompts=rows, prompt_tokens=prompt_tokens, width=max_new_tokens,
+                mode=mode, stop_ids=stop, pad_id=self.pad_token_id,
+                cache_dtype=self._resolve_cache_dtype(platform), num_samples=num_samples,
+                slots=slots, prefill_chunk=self.prefill_chunk,
+                min_prompt_bucket=self.min_prompt_bucket, mesh=mesh, platform=platform)
+        if self.max_batch_size is not None:
+            rows = max(1, min(rows, self.max_batch_size // num_samples))
         prog = self._program(rows, prompt_tokens, dp, mode, stop, max_new_tokens, num_samples,
                              mesh)
         prefill, decode = self._get_programs(prog, mesh)

@@ -376,6 +376,66 @@ class ContinuousEngine:
             self._programs[key] = (init, prefill, insert, decode, compact)
         return self._programs[key]
 
+    def abstract_programs(self, state: Any, *, num_prompts: int, prompt_tokens: int, width: int,
+                          mode: _Mode, stop_ids: tuple[int, ...], pad_id: int, cache_dtype: Any,
+                          num_samples: int, slots: int, prefill_chunk: int | None = None,
+                          min_prompt_bucket: int = 16, mesh: Mesh | None = None,
+                          platform: str | None = None) -> list[tuple[str, Any, Any]]:
+        """``[(name, jitted, args)]`` of the prefill, insert and decode programs of a call at its
+        largest shapes (``num_prompts`` prompts of up to ``prompt_tokens`` tokens, rows of up to
+        ``width`` new tokens), for ahead-of-time compilation (``sgalm_jax.compile_only``).
+        ``state`` may be abstract. The insert's ``args`` is a function of the compiled prefill (its
+        output shardings place the stash); the slot state has fixed shardings. ``platform``: the
+        target's (default: the mesh's devices', else the default backend)."""
+        dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES
+                                                 if a in mesh.shape]))
+        platform = platform or (mesh.devices.flat[0].platform if mesh is not None
+                                else jax.default_backend())
+        n_rows = num_prompts * num_samples
+        s = bucket_size(min(slots, n_rows), 1, dp)
+        c = bucket_size(prefill_chunk or default_prefill_chunk(s, num_samples, num_prompts, dp),
+                        1, dp)
+        t = bucket_size(prompt_tokens, min_prompt_bucket)
+        prog = _EngineProgram(slots=s, prompt_len=t, width=width, mode=mode, stop_ids=stop_ids,
+                              pad_id=pad_id, cache_dtype=cache_dtype,
+                              head_nn=self.config.tie_word_embeddings and platform == "cpu")
+        _, prefill, insert, decode, _ = self._get_programs(prog, mesh)
+
+        def sharded(tree: Any, shardings: Any) -> Any:
+            if shardings is None:
+                return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+            return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                tree, shardings)
+
+        def spec(shape, dtype, sharding=None):
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+        batch = None if mesh is None else NamedSharding(mesh, P(BATCH_AXES, None))
+        repl = None if mesh is None else NamedSharding(mesh, P())
+        slot_state = sharded(jax.eval_shape(functools.partial(_init, self.config, prog, None)),
+                             _slot_shardings(self.config, prog, mesh))
+        key = jax.eval_shape(lambda: jax.random.key(0))
+        key = spec(key.shape, key.dtype, repl)
+        scalars = (spec((), jnp.float32, repl), spec((), jnp.float32, repl))
+        vec = spec((s,), jnp.int32, repl)
+        prefill_args = (state, spec((c, t), jnp.int32, batch), spec((c, t), jnp.bool_, batch))
+
+        def insert_args(compiled_prefill: Any) -> tuple:
+            stash = prefill.eval_shape(*prefill_args)
+            stash = sharded(stash, compiled_prefill.output_shardings)
+            return (slot_state, stash, vec, vec, vec, vec, key, *scalars)
+
+        head = None
+        if prog.head_nn:
+            head = jax.eval_shape(self._head, state)
+            head = spec(head.shape, head.dtype, repl)
+        i32 = spec((), jnp.int32, repl)
+        decode_args = (state, head, slot_state, i32, i32, i32, *scalars)
+        size = f"{s} slots x {t + width} cache"
+        return [(f"engine prefill ({c} x {t} prompt)", prefill, prefill_args),
+                (f"engine insert ({size}, {c}-prompt stash)", insert, insert_args),
+                (f"engine decode ({size})", decode, decode_args)]
+
     def run(self, *args: Any, **kwargs: Any) -> EngineResult:
         """Generate every row of ``prompts`` x ``num_samples`` with ``slots`` slots (see
         :meth:`_run` for the arguments), counting the programs it compiles."""

@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib.util
 import os
 
+import jax.numpy as jnp
 import pytest
 
 from sgalm_jax import main as cli
 from sgalm_jax.algorithms import get_algorithm
 from sgalm_jax.compile_only import (CompileCheckError, Target, parse_target, run_compile_only)
 from sgalm_jax.errors import ConfigError
+from sgalm_jax.training.model_setup import model_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SGALM_TINY = os.path.join(REPO, "configs", "sgalm_tiny.py")
@@ -36,17 +38,41 @@ def test_targets_parse():
 
 
 def test_sgalm_programs_compile_for_cpu_devices(capsys):
-    """Every SGALM program (D step, G step, D scorer, sampler prefill and decode) compiles for an
-    8-device mesh from the tiny config, without data, tokenizer or run directory."""
+    """Every SGALM program (D step, G step, D scorer, and the sampler's programs: the continuous
+    engine's prefill, insert and decode, which runs use by default) compiles for an 8-device mesh
+    from the tiny config, without data, tokenizer or run directory."""
     assert cli.main(["sgalm_jax.main", f"--config={SGALM_TINY}", "--compile-only=cpu-8",
                      "--config.train.batch_size=16", "--config.workdir=/nonexistent/w"]) == 0
     out = capsys.readouterr().out
     assert "target cpu-8: 8 host CPU device(s); mesh data=1 fsdp=8 tensor=1" in out
     for name in ("D step (16 x 256)", "G step (8 x 256)", "D scorer (16 x 256)",
-                 "sampler prefill (16 x 256 prompt, 16 rows x 288 cache)",
-                 "sampler decode (16 x 256 prompt, 16 rows x 288 cache)"):
+                 "engine prefill (16 x 256 prompt)",
+                 "engine insert (16 slots x 288 cache, 16-prompt stash)",
+                 "engine decode (16 slots x 288 cache)"):
         assert name in out, out
+    assert "sampler prefill" not in out
     assert not os.path.exists("/nonexistent/w")
+
+
+def test_sampler_programs_follow_the_configured_engine():
+    """``sampling.engine=static`` lists the static sampler's prefill and decode instead; the
+    continuous engine's decode holds its slot cache (keys and values of every layer for
+    ``slots x (prompt + new tokens)`` positions) among its arguments."""
+    base = ["m", f"--config={SGALM_TINY}", "--config.train.batch_size=16"]
+    static = cli.parse_config(base + ["--config.sampling.engine=static"])
+    names = [r.name for r in run_compile_only(static, get_algorithm("sgalm"),
+                                              parse_target("cpu-8"))]
+    assert names[-2:] == ["sampler prefill (16 x 256 prompt, 16 rows x 288 cache)",
+                          "sampler decode (16 x 256 prompt, 16 rows x 288 cache)"], names
+    config = cli.parse_config(base)
+    reports = {r.name: r for r in run_compile_only(config, get_algorithm("sgalm"),
+                                                   parse_target("cpu-8"))}
+    decode = reports["engine decode (16 slots x 288 cache)"]
+    mc = model_config(config.model)
+    # keys and values; 16 slots over the 8 devices' batch axes: 2 slots per device
+    cache = (2 * mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * 288
+             * jnp.dtype(mc.dtype).itemsize)
+    assert decode.arguments >= cache and decode.aliased >= cache
 
 
 def test_grpo_lora_programs_compile_from_the_runs_roles(capsys):
@@ -58,8 +84,8 @@ def test_grpo_lora_programs_compile_from_the_runs_roles(capsys):
     reports = {r.name: r for r in run_compile_only(config, get_algorithm("grpo"),
                                                    parse_target("cpu-8"))}
     assert [n.split(" (")[0] for n in reports] == ["GRPO step", "old log-probs",
-                                                   "reference log-probs", "sampler prefill",
-                                                   "sampler decode"], sorted(reports)
+                                                   "reference log-probs", "engine prefill",
+                                                   "engine insert", "engine decode"], sorted(reports)
     step = reports["GRPO step (8 x 256)"]
     # donated: exactly the adapters' train state, which is all the step outputs (+ metrics)
     assert 0 < step.aliased <= step.outputs and step.resident == 0
@@ -86,3 +112,20 @@ def test_compile_only_needs_a_model_shape(capsys):
 def test_tiny_config_compiles_for_a_tpu_topology(capsys):
     assert cli.main(["m", f"--config={SFT_TINY}", "--compile-only=v5e-8"]) == 0
     assert "SFT step (8 x 256)" in capsys.readouterr().out
+
+
+def test_data_engine_programs_generator_sampler_and_student_sft():
+    """The data engine lists the generator's sampler programs (the continuous engine at
+    ``sgalm.sample_batch_size`` slots) and the student's SFT step, each model at its own shape."""
+    config = cli.parse_config([
+        "m", "--config.algorithm=data_engine", "--config.model.init=tiny-qwen2",
+        "--config.data.task=arithmetic", "--config.data.max_length=256",
+        "--config.sgalm.sample_batch_size=16", "--config.sgalm.max_new_tokens=32",
+        "--config.data_engine.student_init=tiny-llama", "--config.train.batch_size=8"])
+    reports = run_compile_only(config, get_algorithm("data_engine"), parse_target("cpu-8"))
+    assert [r.name for r in reports] == [
+        "generator engine prefill (16 x 256 prompt)",
+        "generator engine insert (16 slots x 288 cache, 16-prompt stash)",
+        "generator engine decode (16 slots x 288 cache)",
+        "student SFT step (8 x 256)"]
+    assert all(r.peak > 0 for r in reports)

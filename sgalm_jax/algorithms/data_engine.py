@@ -29,6 +29,7 @@ Results: ``workdir/results.md`` and ``results.json``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -284,14 +285,11 @@ def write_records(path: str, pairs: list[tuple[str, str]]) -> None:
 
 
 # ------------------------------------------------------------------------------------ students
-def train_and_evaluate(config: Any, workdir: str, records: str, n_records: int
-                       ) -> dict[str, Any]:
-    """SFT the student on ``records`` (JSONL), then run the ``eval`` algorithm on its export."""
-    from sgalm_jax.algorithms import eval as eval_algo
-    from sgalm_jax.algorithms import sft
-
+def student_config(config: Any, workdir: str, records: str, steps: int
+                   ) -> ml_collections.ConfigDict:
+    """The ``sft`` config of the student: ``data_engine.student_path`` / ``student_init`` as the
+    model, ``records`` as the training file, the config's own optimizer / train / data sections."""
     de = config.data_engine
-    steps = max(1, math.ceil(de.epochs * n_records / config.train.batch_size))
     tok = config.tokenizer.path if not de.student_path else (config.tokenizer.path
                                                               or de.student_path)
     if de.student_path and os.path.exists(os.path.join(de.student_path, "tokenizer_config.json")):
@@ -301,9 +299,54 @@ def train_and_evaluate(config: Any, workdir: str, records: str, n_records: int
         model["model.hf_config"] = to_dict(config.model.hf_config)
     else:
         model["model.hf_config"] = {}
-    sft_cfg = _sub(config, algorithm="sft", workdir=workdir, **model, **{
+    return _sub(config, algorithm="sft", workdir=workdir, **model, **{
         "tokenizer.path": tok, "data.task": "", "data.train_file": records,
         "train.num_steps": steps, "checkpoint.export": True})
+
+
+def programs(config: Any, mesh: Any) -> list[Any]:
+    """The programs of a data-engine run, at their largest shapes, with abstract arguments
+    (``--compile-only``): the generator's sampler programs (``sgalm.sample_batch_size`` rows
+    decoded at once, k-shot prompts of up to ``data.max_length`` tokens, ``sgalm.max_new_tokens``
+    new ones; the generator has ``model``'s shape) and the student's SFT step (its shape from
+    ``data_engine.student_path``'s config.json or ``student_init``, e.g. ``qwen2.5-0.5b``). The
+    students' evaluation decodes with the student's sampler, smaller than the generator's."""
+    from flax import nnx
+
+    from sgalm_jax import sharding as sh
+    from sgalm_jax.algorithms import sft
+    from sgalm_jax.models import CausalLM
+    from sgalm_jax.sampling import Sampler
+    from sgalm_jax.training.aot import Program, abstract_tree
+    from sgalm_jax.training.model_setup import model_config
+    from sgalm_jax.training.run_setup import sampler_options
+    from sgalm_jax.training.state import split_model
+
+    s = config.sgalm
+    mcfg = model_config(config.model)
+    graphdef, params = split_model(nnx.eval_shape(lambda: CausalLM(mcfg, rngs=nnx.Rngs(0))))
+    params = abstract_tree(params, sh.state_shardings(params, mesh))
+    rows = int(s.sample_batch_size)
+    sampler = Sampler(graphdef, mcfg, pad_token_id=0, mesh=mesh, min_batch_bucket=rows,
+                      **sampler_options(config, rows))  # as the run builds it
+    out = [Program(f"generator {name}", fn, args) for name, fn, args in sampler.abstract_programs(
+        params, rows=rows, prompt_tokens=max(int(config.data.max_length) - 1, 1),
+        max_new_tokens=int(s.max_new_tokens) or int(config.data.max_length),
+        temperature=float(s.temperature), top_k=int(s.top_k) or None,
+        top_p=None if s.top_p >= 1 else float(s.top_p))]
+    student = student_config(config, "", "", int(config.train.num_steps))
+    return out + [dataclasses.replace(p, name=f"student {p.name}")
+                  for p in sft.programs(student, mesh)]
+
+
+def train_and_evaluate(config: Any, workdir: str, records: str, n_records: int
+                       ) -> dict[str, Any]:
+    """SFT the student on ``records`` (JSONL), then run the ``eval`` algorithm on its export."""
+    from sgalm_jax.algorithms import eval as eval_algo
+    from sgalm_jax.algorithms import sft
+
+    steps = max(1, math.ceil(config.data_engine.epochs * n_records / config.train.batch_size))
+    sft_cfg = student_config(config, workdir, records, steps)
     sft.validate(sft_cfg)
     export = os.path.join(workdir, "export")
     if not mh.exists(os.path.join(export, "config.json")):

@@ -275,6 +275,7 @@ def programs(config: Any, mesh: Any) -> list[Any]:
     from sgalm_jax.training.aot import Program, abstract_batch, resident
     from sgalm_jax.training.batching import bucket_length
     from sgalm_jax.training.model_setup import model_config
+    from sgalm_jax.training.run_setup import sampler_options
 
     g, d = config.gad, config.distill
     mcfg = model_config(config.model)
@@ -337,10 +338,11 @@ def programs(config: Any, mesh: Any) -> list[Any]:
         out.append(program(f"D score pass ({n} x {width})", scorer._fn, args))
     rb = int(g.rollout_batch_size)
     sampler = Sampler(g_graphdef, mcfg, pad_token_id=0, mesh=mesh,
-                      min_batch_bucket=rb // group if rb else p, max_batch_size=rb or None,
-                      min_prompt_bucket=min(config.data.min_bucket, int(d.max_prompt_tokens)))
+                      min_batch_bucket=rb // group if rb else p,
+                      min_prompt_bucket=min(config.data.min_bucket, int(d.max_prompt_tokens)),
+                      **sampler_options(config, rb or None))  # as the run builds it
     for name, fn, args in sampler.abstract_programs(
-            student.params, rows=rb // group if rb else p,
+            student.params, rows=p,
             prompt_tokens=int(d.max_prompt_tokens), max_new_tokens=int(d.max_response_tokens),
             num_samples=group, temperature=float(g.temperature), top_k=int(g.top_k) or None,
             top_p=None if g.top_p >= 1 else float(g.top_p)):

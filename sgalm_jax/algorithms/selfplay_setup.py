@@ -266,6 +266,7 @@ def programs(config: Any, mesh: Any) -> list[Any]:
     from sgalm_jax.sampling import Sampler
     from sgalm_jax.training.aot import resident
     from sgalm_jax.training.model_setup import model_config
+    from sgalm_jax.training.run_setup import sampler_options
 
     sp, b, t = config.selfplay, int(config.train.batch_size), int(config.data.max_length)
     k = int(sp.num_samples)
@@ -297,8 +298,10 @@ def programs(config: Any, mesh: Any) -> list[Any]:
     args = (policy.params, scored["ids"], scored["attn"], scored["loss_mask"])
     out.append(Program(f"reference scorer ({rows} x {t})", scorer._fn, args,
                        resident=resident(roles, args)))
+    options = sampler_options(config, 2 * int(config.train.batch_size))  # as the run does
+    per_call = max(1, int(options["max_batch_size"]) // k)
     sampler = Sampler(graphdef, mcfg, pad_token_id=0, mesh=mesh,
-                      min_batch_bucket=int(sp.generation_batch_size))
+                      min_batch_bucket=min(int(sp.generation_batch_size), per_call), **options)
     for name, fn, args in sampler.abstract_programs(
             policy.params, rows=int(sp.generation_batch_size),
             prompt_tokens=int(sp.max_prompt_length), max_new_tokens=int(sp.max_new_tokens),

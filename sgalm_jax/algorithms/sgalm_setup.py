@@ -22,7 +22,7 @@ from sgalm_jax.training import Roles, copy_params, make_optimizer, split_model, 
 from sgalm_jax.training.aot import Program, abstract_batch, rows_fields
 from sgalm_jax.training.aot import resident as aot_resident
 from sgalm_jax.training.model_setup import build_model, model_config
-from sgalm_jax.training.run_setup import tokenizer_source
+from sgalm_jax.training.run_setup import sampler_options, tokenizer_source
 from sgalm_jax.training.tokenizer import BUILTIN_TINY, LabelTokenIds
 
 VARIANTS = ("full", "d_only", "g_only", "two_models")
@@ -204,7 +204,8 @@ def programs(config: Any, mesh: Any) -> list[Program]:
     out.append(program(f"D scorer ({score_rows} x {width})", scorer._fn,
                        (disc.params, abstract_batch(mesh, rows_fields(score_rows, width)))))
     sampler = Sampler(graphdef, mcfg, pad_token_id=0, mesh=mesh,
-                      min_batch_bucket=int(s.sample_batch_size))
+                      min_batch_bucket=int(s.sample_batch_size),
+                      **sampler_options(config, int(s.sample_batch_size)))  # as the run does
     max_new = int(s.max_new_tokens) or int(config.data.max_length)
     for name, fn, args in sampler.abstract_programs(
             gen.params, rows=int(s.sample_batch_size),
