@@ -16,8 +16,12 @@ GiB per chip, peak = arguments + outputs - donated + temporaries + resident stat
 | D step (64 x 2048) | 2.88 | 10.58 | 13.46 |
 | G step (32 x 2048) | 2.88 | 6.48 | 9.36 |
 | D scorer (64 x 2048) | 1.44 | 2.03 | 4.90 |
-| sampler prefill (64 prompts x 2048, cache 2560) | 1.44 | 9.19 | 12.77 |
-| sampler decode (64 rows, cache 2560) | 2.14 | 2.28 | 5.86 |
+| engine prefill (64 prompts x 2048) | 1.44 | 7.99 | 11.44 |
+| engine insert (64 slots x 2560 cache, 64-prompt stash) | 1.27 | 7.14 | 9.85 |
+| engine decode (64 slots x 2560 cache) | 2.14 | 1.82 | 5.39 |
+
+(The continuous engine's programs, which the run samples with; with ``sampling.engine=static`` the
+static sampler's prefill needs 12.77 and its decode 5.86.)
 
 Every program fits (the largest uses 84% of a chip). fp32 master weights 1.44 GiB + RMSProp state
 1.44 GiB per chip; splash attention, scanned layers with full remat, activations sharded over the

@@ -16,9 +16,23 @@ k = 1, 2, 4 for each method plus the real-only row: 7 SFT runs of the 0.5B stude
 batch 64, AdamW 1e-5: 234 / 468 / 701 / 1,168 steps for k = 0 / 1 / 2 / 4), each evaluated on the
 1,319 GSM8K test problems (eval section: the same plain 'Question: ... Answer:' prompt as the
 students' SFT records, 0-shot, greedy, exact match).
-Memory: generation: the 3B model's fp32 weights (12.4 GB) + the sampler's bf16 KV cache (128 rows
-x 2048 positions, 9.4 GB);
-student SFT of 0.5B in fp32 with AdamW: ~8 GB + activations: fits one 80 GB GPU or a v4-8 easily.
+Memory, compiled for a TPU v5e-8 (``--compile-only=v5e-8
+--config.data_engine.student_init=qwen2.5-0.5b``, libtpu 0.0.42.1; GiB per chip, peak = args +
+outputs - donated + temporaries):
+
+| program | args | temp | peak |
+|---|---:|---:|---:|
+| generator engine prefill (64 prompts x 2048) | 1.44 | 7.99 | 10.00 |
+| generator engine insert (64 slots x 2560 cache, 64-prompt stash) | 1.27 | 7.14 | 8.41 |
+| generator engine decode (64 slots x 2560 cache) | 2.14 | 1.82 | 3.96 |
+| student SFT step (64 x 1536, 4 micro-batches, logits 256 positions at a time) | 0.69 | 9.16 | 9.85 |
+
+Every program fits (the largest uses 62% of a chip). As first written (128 slots, the student's
+step in one micro-batch with whole-sequence logits), two did not: the student's SFT step needed
+34.25 GiB of temporaries (26.08 with chunked logits alone), and the engine's insert at 128 slots
+16.85 GiB (its scatter into the slot-sharded cache gathers the cache: docs/benchmarks.md). Hence
+``sampling.num_slots = 64``, ``train.grad_accum_steps = 4`` and ``sft.logits_chunk_size = 256``
+below (the same updates: accumulation and chunking do not change the math).
 """
 
 from sgalm_jax.algorithms import base_config
@@ -41,6 +55,7 @@ def get_config():
     s.top_p = 1.0
     s.max_new_tokens = 512
     s.sample_batch_size = 128
+    config.sampling.num_slots = 64  # rows decoded at once (128 slots' insert does not fit v5e)
 
     de = config.data_engine
     de.generator_path = ""  # an SGALM run's export/ ('' = the base model: no SGALM training)
@@ -64,6 +79,8 @@ def get_config():
     config.optimizer.schedule = "cosine"
     config.optimizer.end_lr_factor = 0.1
     config.train.batch_size = 64
+    config.train.grad_accum_steps = 4  # 16 rows per micro-batch (one whole batch: 34 GiB per chip)
+    config.sft.logits_chunk_size = 256
     config.data.chat_template = False
     config.data.min_bucket = 256
     config.checkpoint.every_steps = 200
