@@ -12,6 +12,22 @@ responses per sampler call, so that activations and the KV cache fit next to the
         --config.model.path=/models/Llama-3.1-8B-Instruct \
         --config.gad.warmup_dir=runs/gad_llama8b_lora_warmup --config.workdir=runs/gad_llama8b_lora
 
+Compiled for a TPU v5e-8 (``--compile-only=v5e-8 --config.model.architecture=llama-3.1-8b``,
+libtpu 0.0.42.1, GAD stage; GiB per chip, peak = args + outputs - donated + temporaries + resident
+state):
+
+| program | args | temp | resid | peak |
+|---|---:|---:|---:|---:|
+| D step (256 x 9 x 2048) | 1.99 | 12.96 | 0.43 | **15.39** |
+| student GRPO step (2048 x 2048) | 2.11 | 2.41 | 0.31 | 4.84 |
+| reference log-probs (8 x 2048) | 1.95 | 1.16 | 0.47 | 3.58 |
+| D score pass (72 x 2048) | 1.83 | 12.03 | 0.59 | 14.45 |
+| engine prefill (8 x 1024 prompt) | 1.95 | 1.58 | 0.47 | 4.13 |
+| engine insert (32 slots x 2048 cache, 8-prompt stash) | 1.13 | 2.00 | 0.47 | 3.60 |
+| engine decode (32 slots x 2048 cache) | 2.95 | 2.03 | 0.47 | 5.45 |
+
+Every program fits; the largest uses 96% of a chip (the computed estimate below said 15.4 GiB).
+
 Memory per device in GiB, COMPUTED (not compiled, not measured) by ``python -m sgalm_jax.tools.memory
 --config configs/gad_llama8b_lmsys_lora.py:gad --arch=llama-3.1-8b --devices=N`` (role states
 exact for the shapes, dtypes and shardings; activations of the largest micro-batch, 9 rows x 2,048

@@ -57,8 +57,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.models.config import ModelConfig
 from sgalm_jax.models.transformer import CausalLM, KVCache, positions_from_mask
-from sgalm_jax.sampling import (_Mode, _cache_spec, _constrain, _greedy, _head_kernel,
-                                _select_with_logprobs, _stopped, bucket_size)
+from sgalm_jax.sampling import _cache_spec, _constrain, _head_kernel, _stopped, bucket_size
+from sgalm_jax.sampling_ops import _greedy, _Mode, _select_with_logprobs
 from sgalm_jax.sharding import BATCH_AXES, to_host
 
 __all__ = ["ContinuousEngine", "EngineResult", "default_prefill_chunk"]
