@@ -27,6 +27,8 @@ state):
 | engine decode (32 slots x 2048 cache) | 2.95 | 2.03 | 0.47 | 5.45 |
 
 Every program fits; the largest uses 96% of a chip (the computed estimate below said 15.4 GiB).
+The warmup stage (``:warmup``): D step 15.31, student SFT step (256 x 2048) 5.55, engine decode
+5.37 GiB.
 
 Memory per device in GiB, COMPUTED (not compiled, not measured) by ``python -m sgalm_jax.tools.memory
 --config configs/gad_llama8b_lmsys_lora.py:gad --arch=llama-3.1-8b --devices=N`` (role states
