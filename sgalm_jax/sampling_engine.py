@@ -6,9 +6,8 @@ holds ``S`` slots, each with its own region of one preallocated KV cache of ``P 
 slot (values ``[L, S, kv_heads, P + W, head_dim]``, keys transposed, as
 :class:`~sgalm_jax.models.transformer.KVCache` lays them out, stacked over the ``L`` layers as the
 scanned decoder carries them through its layer scan; ``P`` the prompt bucket, ``W`` the longest
-row's token budget). When a row ends (a stop
-token, or its own maximum length) its slot takes the next waiting row, so every decode step works on
-``S`` live rows until the queue is empty. All shapes are fixed per (slots, prompt bucket, width,
+row's token budget). When a row ends (a stop token, or its own maximum length) its slot takes the
+next waiting row, so every decode step works on ``S`` live rows until the queue is empty. All shapes are fixed per (slots, prompt bucket, width,
 sampling mode, stop ids): a call configuration compiles 4 programs, plus 2 per smaller slot count
 the tail shrinks to (at most 8 with the defaults), whatever the prompts and lengths; plus, once per
 engine, ``head`` (below) for a tied head on CPU.
@@ -22,9 +21,10 @@ Programs (``ContinuousEngine.num_compilations`` counts them):
 * ``insert``: copies stash rows into free slots (a scatter over the slot axis, axis 1 of the
   stacked cache), samples each row's first token and resets the slot's counters.
 * ``decode``: a ``lax.while_loop`` over decode steps of all slots (every slot at its own position;
-  all write their new keys/values at one shared ring position, see :func:`_init`). It returns to the host when every slot has stopped, or when enough slots are
-  free to be worth a refill (``refill_min``) while rows are still waiting, or, with none waiting,
-  when the live rows fit in half the slots.
+  all write their new keys/values at one shared ring position, see :func:`_init`). It returns to
+  the host when every slot has stopped, or when enough slots are free to be worth a refill
+  (``refill_min``) while rows are still waiting, or, with none waiting, when the live rows fit in
+  half the slots.
 * ``compact``: in that tail, the live rows gathered into a state with half the slots (down to
   ``min_slots``), decoded from then on by the ``decode`` program of that size.
 * ``head``: on CPU with a tied head, the ``[hidden, vocab]`` copy of the embedding that decode
@@ -258,7 +258,8 @@ def _decode(graphdef, prog: _EngineProgram, state, head, slots: _Slots, waiting,
         ring = (x.cache.index - prog.prompt_len + 1) % prog.width  # the next shared write position
         return _Slots(
             cache=dataclasses.replace(cache, index=prog.prompt_len + ring),
-            last=tok, pos=jnp.where(live, pos + 1, pos), count=count, limit=x.limit, active=live & ~stop & (count < x.limit),
+            last=tok, pos=jnp.where(live, pos + 1, pos), count=count, limit=x.limit,
+            active=live & ~stop & (count < x.limit),
             stopped=x.stopped | stop, keys=x.keys,
             tokens=x.tokens.at[rows, x.count].set(tok, mode="drop"),
             logprobs=x.logprobs.at[rows, x.count].set(lp, mode="drop"))
