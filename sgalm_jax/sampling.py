@@ -449,9 +449,7 @@ class Sampler:
                               num_samples=num_samples)
 
         dp = data_parallel_size(mesh) if mesh is not None else 1
-        per_call = len(rows)
-        if self.max_batch_size is not None:
-            per_call = max(1, min(per_call, self.max_batch_size // num_samples))
+        per_call = self._prompts_per_call(len(rows), num_samples)
         width = int(limits.max())
         outs = []
         for c, start in enumerate(range(0, len(rows), per_call)):
@@ -468,6 +466,13 @@ class Sampler:
         return Generation(tokens=tokens, lengths=lengths, logprobs=logprobs, finished=done,
                           prompt_index=np.repeat(np.arange(len(rows)), num_samples),
                           num_samples=num_samples)
+
+    def _prompts_per_call(self, prompts: int, num_samples: int) -> int:
+        """Prompts the static engine decodes per program call: all of them, or as many as
+        ``max_batch_size`` rows hold."""
+        if self.max_batch_size is None:
+            return prompts
+        return max(1, min(prompts, self.max_batch_size // num_samples))
 
     def _report_compiles(self, before: int, engine: str, rows: int) -> None:
         """Log the programs a call compiled (a bounded number per shape configuration: a count
@@ -546,8 +551,7 @@ class Sampler:
                 cache_dtype=self._resolve_cache_dtype(platform), num_samples=num_samples,
                 slots=slots, prefill_chunk=self.prefill_chunk,
                 min_prompt_bucket=self.min_prompt_bucket, mesh=mesh, platform=platform)
-        if self.max_batch_size is not None:
-            rows = max(1, min(rows, self.max_batch_size // num_samples))
+        rows = self._prompts_per_call(rows, num_samples)
         prog = self._program(rows, prompt_tokens, dp, mode, stop, max_new_tokens, num_samples,
                              mesh)
         prefill, decode = self._get_programs(prog, mesh)

@@ -377,6 +377,24 @@ class ContinuousEngine:
             self._programs[key] = (init, prefill, insert, decode, compact)
         return self._programs[key]
 
+    def _plan(self, num_prompts: int, prompt_tokens: int, width: int, num_samples: int,
+              slots: int, prefill_chunk: int | None, min_prompt_bucket: int, mesh: Mesh | None,
+              platform: str | None = None, **static: Any) -> tuple[_EngineProgram, int, int]:
+        """The program of a call (slots and prompt bucket, both bucketed; ``static``: its mode,
+        stop ids, pad id and cache dtype), its prefill chunk and the mesh's data-parallel size.
+        ``platform``: the devices compiled for (default: the mesh's, else the default backend)."""
+        dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES
+                                                 if a in mesh.shape]))  # axes it has
+        platform = platform or (mesh.devices.flat[0].platform if mesh is not None
+                                else jax.default_backend())
+        s = bucket_size(min(slots, num_prompts * num_samples), 1, dp)
+        c = bucket_size(prefill_chunk or default_prefill_chunk(s, num_samples, num_prompts, dp),
+                        1, dp)
+        prog = _EngineProgram(slots=s, prompt_len=bucket_size(prompt_tokens, min_prompt_bucket),
+                              width=width, head_nn=self.config.tie_word_embeddings
+                              and platform == "cpu", **static)
+        return prog, c, dp
+
     def abstract_programs(self, state: Any, *, num_prompts: int, prompt_tokens: int, width: int,
                           mode: _Mode, stop_ids: tuple[int, ...], pad_id: int, cache_dtype: Any,
                           num_samples: int, slots: int, prefill_chunk: int | None = None,
@@ -388,18 +406,10 @@ class ContinuousEngine:
         ``state`` may be abstract. The insert's ``args`` is a function of the compiled prefill (its
         output shardings place the stash); the slot state has fixed shardings. ``platform``: the
         target's (default: the mesh's devices', else the default backend)."""
-        dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES
-                                                 if a in mesh.shape]))
-        platform = platform or (mesh.devices.flat[0].platform if mesh is not None
-                                else jax.default_backend())
-        n_rows = num_prompts * num_samples
-        s = bucket_size(min(slots, n_rows), 1, dp)
-        c = bucket_size(prefill_chunk or default_prefill_chunk(s, num_samples, num_prompts, dp),
-                        1, dp)
-        t = bucket_size(prompt_tokens, min_prompt_bucket)
-        prog = _EngineProgram(slots=s, prompt_len=t, width=width, mode=mode, stop_ids=stop_ids,
-                              pad_id=pad_id, cache_dtype=cache_dtype,
-                              head_nn=self.config.tie_word_embeddings and platform == "cpu")
+        prog, c, _ = self._plan(num_prompts, prompt_tokens, width, num_samples, slots,
+                                prefill_chunk, min_prompt_bucket, mesh, platform, mode=mode,
+                                stop_ids=stop_ids, pad_id=pad_id, cache_dtype=cache_dtype)
+        s, t = prog.slots, prog.prompt_len
         _, prefill, insert, decode, _ = self._get_programs(prog, mesh)
 
         def sharded(tree: Any, shardings: Any) -> Any:
@@ -477,15 +487,10 @@ class ContinuousEngine:
             return EngineResult(tokens=np.full((0, width), pad_id, np.int32),
                                 logprobs=np.zeros((0, width), np.float32),
                                 lengths=np.zeros((0,), np.int32), finished=np.zeros((0,), bool))
-        dp = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES
-                                                 if a in mesh.shape]))
-        s = bucket_size(min(slots, n_rows), 1, dp)
-        c = bucket_size(prefill_chunk or default_prefill_chunk(s, n, n_prompts, dp), 1, dp)
-        t = bucket_size(max(p.size for p in prompts), min_prompt_bucket)
-        prog = _EngineProgram(slots=s, prompt_len=t, width=width, mode=mode,
-                              stop_ids=stop_ids, pad_id=pad_id, cache_dtype=cache_dtype,
-                              head_nn=self.config.tie_word_embeddings
-                              and jax.default_backend() == "cpu")
+        prog, c, dp = self._plan(n_prompts, max(p.size for p in prompts), width, n, slots,
+                                 prefill_chunk, min_prompt_bucket, mesh, mode=mode,
+                                 stop_ids=stop_ids, pad_id=pad_id, cache_dtype=cache_dtype)
+        s, t = prog.slots, prog.prompt_len
         init, prefill, insert, decode, _ = self._get_programs(prog, mesh)
         refill_min = jnp.int32(refill_min or max(1, s // 32))
         min_slots = bucket_size(min(min_slots or s // 4, s), 1, dp)
