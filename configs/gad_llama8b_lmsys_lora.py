@@ -23,8 +23,7 @@ state):
 | reference log-probs (8 x 2048) | 1.95 | 1.16 | 0.47 | 3.58 |
 | D score pass (72 x 2048) | 1.83 | 12.03 | 0.59 | 14.45 |
 | engine prefill (8 x 1024 prompt) | 1.95 | 1.58 | 0.47 | 4.13 |
-| engine insert (32 slots x 2048 cache, 8-prompt stash) | 1.13 | 2.00 | 0.47 | 3.60 |
-| engine decode (32 slots x 2048 cache) | 2.95 | 2.03 | 0.47 | 5.45 |
+| engine decode, rows started in the loop (32 slots x 2048 cache, 8-prompt stash) | 3.07 | 1.07 | 0.47 | 4.61 |
 
 Every program fits; the largest uses 96% of a chip (the computed estimate below said 15.4 GiB).
 The warmup stage (``:warmup``): D step 15.31, student SFT step (256 x 2048) 5.55, engine decode

@@ -17,8 +17,7 @@ GiB per chip, peak = arguments + outputs - donated + temporaries + resident stat
 | G step (32 x 2048) | 2.88 | 6.48 | 9.36 |
 | D scorer (64 x 2048) | 1.44 | 2.03 | 4.90 |
 | engine prefill (64 prompts x 2048) | 1.44 | 7.99 | 11.44 |
-| engine insert (64 slots x 2560 cache, 64-prompt stash) | 1.27 | 7.14 | 9.85 |
-| engine decode (64 slots x 2560 cache) | 2.14 | 1.82 | 5.39 |
+| engine decode, rows started in the loop (64 slots x 2560 cache, 64-prompt stash) | 2.71 | 3.01 | 7.16 |
 
 (The continuous engine's programs, which the run samples with; with ``sampling.engine=static`` the
 static sampler's prefill needs 12.77 and its decode 5.86.)

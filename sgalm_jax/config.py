@@ -243,8 +243,9 @@ _SCHEMA: dict[str, Any] = {
                          "algorithm's own size: sgalm.sample_batch_size, eval.batch_size, GRPO "
                          "train.batch_size, self-play 2 x train.batch_size"),
         "prefill_chunk": (0, "continuous: prompts per prefill; 0 = enough to fill every slot"),
-        "refill_min": (0, "continuous: go back to the host to refill slots once this many are "
-                          "free; 0 = num_slots / 32 (at least 1)"),
+        "refill_min": (0, "continuous: once the prefilled prompts have all started, go back to the "
+                          "host for the next prefill when this many slots are idle; 0 = "
+                          "num_slots / 32 (at least 1)"),
         "min_slots": (0, "continuous: once no row waits, move the live rows to programs with half "
                          "the slots, down to this many; 0 = num_slots / 4"),
         "placement": ("global", "global (sample on the training mesh) or host_local (each host "

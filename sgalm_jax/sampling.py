@@ -307,8 +307,9 @@ class Sampler:
         ``max_batch_size``, else the call's row count capped at 64.
       prefill_chunk: prompts per prefill of the continuous engine; default enough to fill every
         slot once (``num_slots / num_samples``).
-      refill_min: the continuous engine returns to the host to refill slots once this many are
-        free (default ``num_slots // 32``, at least 1).
+      refill_min: once the prefilled prompts have all started, the continuous engine returns to
+        the host for the next prefill when this many slots are idle (default ``num_slots // 32``,
+        at least 1; rows start in freed slots on the device, without the host).
       min_slots: once no row waits, the continuous engine moves its live rows to programs with
         half as many slots whenever they fit, down to this many (default ``num_slots // 4``;
         ``num_slots`` turns this off).
@@ -532,7 +533,7 @@ class Sampler:
         ``engine`` (default: the sampler's): the static engine gives its prefill and decode, for a
         batch of ``rows`` prompts capped by ``max_batch_size`` as :meth:`generate` chunks them;
         the continuous engine (also ``"auto"`` when the sampler has a row bound, since the
-        algorithms pass whole workloads) its prefill, insert and decode at ``num_slots`` (or
+        algorithms pass whole workloads) its prefill and decode at ``num_slots`` (or
         ``max_batch_size``) slots."""
         mesh = mesh if mesh is not None else self.mesh
         dp = data_parallel_size(mesh) if mesh is not None else 1

@@ -7,30 +7,34 @@ slot (values ``[L, S, kv_heads, P + W, head_dim]``, keys transposed, as
 :class:`~sgalm_jax.models.transformer.KVCache` lays them out, stacked over the ``L`` layers as the
 scanned decoder carries them through its layer scan; ``P`` the prompt bucket, ``W`` the longest
 row's token budget). When a row ends (a stop token, or its own maximum length) its slot takes the
-next waiting row, so every decode step works on ``S`` live rows until the queue is empty. All shapes are fixed per (slots, prompt bucket, width,
-sampling mode, stop ids): a call configuration compiles 4 programs, plus 2 per smaller slot count
-the tail shrinks to (at most 8 with the defaults), whatever the prompts and lengths; plus, once per
+next waiting row, on the device, so every decode step works on ``S`` live rows until the queue is
+empty. All shapes are fixed per (slots, prompt bucket, width, sampling mode, stop ids): a call
+configuration compiles 3 programs, plus a prefill per smaller prompt bucket its chunks use and 2
+per smaller slot count the tail shrinks to, whatever the prompts and lengths; plus, once per
 engine, ``head`` (below) for a tied head on CPU.
 
 Programs (``ContinuousEngine.num_compilations`` counts them):
 
 * ``init``: the slot state, allocated once per call directly in its sharding.
-* ``prefill``: ``C`` waiting prompts at once (a batched chunk, right-padded to ``P``) into a *stash*:
-  their keys/values and last-position logits. With ``num_samples = n`` each stashed prompt feeds
-  ``n`` rows, so the prompt is run once, not once per sample.
-* ``insert``: copies stash rows into free slots (a scatter over the slot axis, axis 1 of the
-  stacked cache), samples each row's first token and resets the slot's counters.
+* ``prefill``: ``C`` waiting prompts at once (a batched chunk, right-padded to its own bucket
+  ``T <= P``; the host schedules prompts longest first so chunks pad little) into a *stash*:
+  their keys/values (padded to ``P``) and last-position logits. With ``num_samples = n`` each
+  stashed prompt feeds ``n`` rows, so the prompt is run once, not once per sample.
 * ``decode``: a ``lax.while_loop`` over decode steps of all slots (every slot at its own position;
-  all write their new keys/values at one shared ring position, see :func:`_init`). It returns to
-  the host when every slot has stopped, or when enough slots are free to be worth a refill
-  (``refill_min``) while rows are still waiting, or, with none waiting, when the live rows fit in
-  half the slots.
+  all write their new keys/values at one shared ring position, see :func:`_init`). Before the
+  first step and after each one it copies ended rows into an exit buffer (:func:`_harvest`) and
+  starts the stash's next rows in the freed slots (:func:`_start`: the prompt's keys/values
+  copied into the slot, the first token sampled from the stash's logits). It returns to the host
+  when every slot is idle, when the stash is used up while prompts wait for a prefill and
+  ``refill_min`` slots are idle, when the exit buffer is full, or, with nothing waiting, when the
+  live rows fit in half the slots.
 * ``compact``: in that tail, the live rows gathered into a state with half the slots (down to
   ``min_slots``), decoded from then on by the ``decode`` program of that size.
 * ``head``: on CPU with a tied head, the ``[hidden, vocab]`` copy of the embedding that decode
-  multiplies by, made once per call (inside ``decode`` it would be redone at every refill).
+  multiplies by, made once per call (inside ``decode`` it would be redone at every call).
 
-The host loop between them only moves small per-slot vectors: which slots ended, and their rows.
+Between programs the host only prefills the next chunk and copies ended rows out of the exit
+buffer: about one decode call per prefill chunk.
 
 Randomness is per row: row ``r`` (prompt ``r // n``, sample ``r % n``) draws step ``j`` from
 ``fold_in(fold_in(rng, r), j)``. Output therefore does not depend on the slot count, the chunk size,
@@ -80,6 +84,33 @@ class _Slots:
     keys: jax.Array  # [S] PRNG keys: the row's own key
     tokens: jax.Array  # [S, W] int32: the row's tokens so far (pad after)
     logprobs: jax.Array  # [S, W] float32
+    row: jax.Array  # [S] int32: the row the slot holds (-1: free); kept until harvested
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Queue:
+    """The rows a stash feeds, in schedule order: the decode loop starts them in free slots."""
+
+    rows: jax.Array  # [Q] int32: row ids (of this call; the key adds the row offset)
+    src: jax.Array  # [Q] int32: the stash entry holding each row's prompt
+    limits: jax.Array  # [Q] int32: each row's maximum new tokens
+    size: jax.Array  # int32: entries in use
+    cursor: jax.Array  # int32: entries started so far
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class _Exit:
+    """Rows that ended during a decode call, copied out of their slots so the slots can take new
+    rows without a round trip to the host (which reads this buffer after the call)."""
+
+    rows: jax.Array  # [E] int32
+    tokens: jax.Array  # [E, W] int32
+    logprobs: jax.Array  # [E, W] float32
+    lengths: jax.Array  # [E] int32
+    stopped: jax.Array  # [E] bool
+    count: jax.Array  # int32: entries filled
 
 
 @jax.tree_util.register_dataclass
@@ -126,7 +157,7 @@ def _draw(keys: jax.Array, logits: jax.Array, mode: _Mode, temperature, top_p):
 # ------------------------------------------------------------------------------------ programs
 def _slot_shardings(config: ModelConfig, prog: _EngineProgram, mesh: Mesh | None):
     """One fixed sharding for every field of :class:`_Slots` (slot axis over the batch axes), used
-    as the output sharding of init, insert and decode, so that each program sees the same input
+    as the output sharding of init, decode and compact, so that each program sees the same input
     shardings on every call and compiles once."""
     if mesh is None:
         return None
@@ -136,7 +167,7 @@ def _slot_shardings(config: ModelConfig, prog: _EngineProgram, mesh: Mesh | None
     return _Slots(cache=KVCache(k=kv, v=kv, valid=table, index=NamedSharding(mesh, P()),
                                 positions=table),
                   last=rows, pos=rows, count=rows, limit=rows, active=rows, stopped=rows, keys=rows,
-                  tokens=table, logprobs=table)
+                  tokens=table, logprobs=table, row=rows)
 
 
 def _init(config: ModelConfig, prog: _EngineProgram, mesh: Mesh | None) -> _Slots:
@@ -145,26 +176,30 @@ def _init(config: ModelConfig, prog: _EngineProgram, mesh: Mesh | None) -> _Slot
     spec = _cache_spec(config, mesh, s, prog.cache_len)
     batch = P(BATCH_AXES) if mesh is not None else P()
     row = functools.partial(_constrain, mesh=mesh, spec=batch)
-    # A slot's first P cache positions hold its prompt (right-padded); positions P .. P + W - 1 are
-    # a ring that every slot writes at the same position per decode step (``index``, one contiguous
-    # write for all slots instead of a per-slot scatter). A row lives at most W - 1 decode steps,
-    # so it never overwrites its own entries; insert clears a new row's ring (``valid``), and the
-    # cache's ``positions`` keep each entry's token position, so attention needs no slot order.
+    # A slot's first P cache positions hold its prompt (right-padded, at positions 0 .. P - 1);
+    # positions P .. P + W - 1 are a ring that every slot writes at the same position per decode
+    # step (``index``, one contiguous write for all slots instead of a per-slot scatter). A row
+    # lives at most W - 1 decode steps, so it never overwrites its own entries; starting a row
+    # clears its ring (``valid``), and the cache's ``positions`` keep each entry's token position
+    # (written with the keys), so attention needs no slot order.
+    positions = jnp.broadcast_to(jnp.arange(prog.cache_len, dtype=jnp.int32), (s, prog.cache_len))
     cache = KVCache(k=_constrain(cache.k, mesh, spec), v=_constrain(cache.v, mesh, spec),
                     valid=row(jnp.zeros((s, prog.cache_len), bool)),
-                    index=jnp.int32(prog.prompt_len),
-                    positions=row(jnp.zeros((s, prog.cache_len), jnp.int32)))
+                    index=jnp.int32(prog.prompt_len), positions=row(positions))
     zeros = row(jnp.zeros((s,), jnp.int32))
     return _Slots(cache=cache, last=zeros, pos=zeros, count=zeros, limit=zeros,
                   active=row(jnp.zeros((s,), bool)), stopped=row(jnp.zeros((s,), bool)),
                   keys=jax.random.split(jax.random.key(0), s),
                   tokens=row(jnp.full((s, w), prog.pad_id, jnp.int32)),
-                  logprobs=row(jnp.zeros((s, w), jnp.float32)))
+                  logprobs=row(jnp.zeros((s, w), jnp.float32)),
+                  row=row(jnp.full((s,), -1, jnp.int32)))
 
 
 def _prefill(graphdef, config: ModelConfig, prog: _EngineProgram, mesh: Mesh | None, state,
              ids, mask) -> _Stash:
-    """Run a chunk of right-padded prompts [C, P] once; keep their cache and last logits."""
+    """Run a chunk of right-padded prompts [C, T] once; keep their cache (padded to the prompt
+    bucket P, so every chunk's stash has one shape) and last logits. The host schedules prompts
+    by length, so a chunk of short prompts runs at a smaller T (one program per power-of-two T)."""
     model: CausalLM = nnx.merge(graphdef, state)
     c, t = ids.shape
     cache = KVCache.init(config, c, t, prog.cache_dtype)
@@ -175,45 +210,84 @@ def _prefill(graphdef, config: ModelConfig, prog: _EngineProgram, mesh: Mesh | N
     lengths = mask.sum(-1).astype(jnp.int32)
     last = jnp.take_along_axis(hidden, jnp.maximum(lengths - 1, 0)[:, None, None], axis=1)
     logits = model.logits_from_hidden(last)[:, 0]
-    return _Stash(k=cache.k, v=cache.v, logits=logits, lengths=lengths)
+    k, v, pad = cache.k, cache.v, prog.prompt_len - t
+    if pad:
+        k = _constrain(jnp.pad(k, [(0, 0)] * 4 + [(0, pad)]), mesh, spec)
+        v = _constrain(jnp.pad(v, [(0, 0)] * 3 + [(0, pad), (0, 0)]), mesh, spec)
+    return _Stash(k=k, v=v, logits=logits, lengths=lengths)
 
 
-def _insert(prog: _EngineProgram, slots: _Slots, stash: _Stash, slot_ids, src, row_ids, limits,
-            rng, temperature, top_p) -> _Slots:
-    """Start rows ``row_ids`` in slots ``slot_ids`` from stash rows ``src`` ([A] each; a slot id
-    of ``S`` marks an unused entry, dropped by the scatters)."""
-    t = prog.prompt_len
-    keys = jax.vmap(jax.random.fold_in, (None, 0))(rng, row_ids)
-    first_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
-    tok, lp = _draw(first_keys, stash.logits[src], prog.mode, temperature, top_p)
-    stop = _stopped(tok, prog.stop_ids)
+def _set_row(table: jax.Array, slot, values: jax.Array) -> jax.Array:
+    """``table`` with row ``slot`` (a traced index) replaced by ``values`` (one in-place update)."""
+    values = jnp.asarray(values)
+    if values.dtype != table.dtype:  # (PRNG key arrays keep their own dtype)
+        values = values.astype(table.dtype)
+    values = values.reshape((1,) + table.shape[1:])
+    return jax.lax.dynamic_update_slice(table, values, (slot,) + (0,) * (table.ndim - 1))
 
-    def scatter(dst, values):
-        return dst.at[slot_ids].set(values, mode="drop")
 
-    cache = slots.cache
-    lengths = stash.lengths[src]
+def _harvest(slots: _Slots, out: _Exit) -> tuple[_Slots, _Exit]:
+    """Copy the rows that have ended (slot still holding its row, no longer active) into ``out``,
+    as many as it has room for, and free their slots."""
+    s, room = slots.row.shape[0], out.rows.shape[0]
+    ended = (slots.row >= 0) & ~slots.active
+    which = jnp.nonzero(ended, size=s, fill_value=0)[0]
+    n = jnp.minimum(jnp.sum(ended.astype(jnp.int32)), room - out.count)
+
+    def one(j, carry):
+        sl, ex = carry
+        slot, e = which[j], ex.count + j
+        ex = _Exit(rows=_set_row(ex.rows, e, sl.row[slot]),
+                   tokens=_set_row(ex.tokens, e, sl.tokens[slot]),
+                   logprobs=_set_row(ex.logprobs, e, sl.logprobs[slot]),
+                   lengths=_set_row(ex.lengths, e, sl.count[slot]),
+                   stopped=_set_row(ex.stopped, e, sl.stopped[slot]), count=ex.count)
+        return dataclasses.replace(sl, row=_set_row(sl.row, slot, jnp.int32(-1))), ex
+
+    slots, out = jax.lax.fori_loop(0, n, one, (slots, out))
+    return slots, dataclasses.replace(out, count=out.count + n)
+
+
+def _start(prog: _EngineProgram, slots: _Slots, stash: _Stash, queue: _Queue, rng, row_offset,
+           temperature, top_p) -> tuple[_Slots, _Queue]:
+    """Start the queue's next rows in the free slots: copy each row's prompt keys/values from the
+    stash into its slot (one in-place update per row, every layer at once), sample its first token
+    from the stash's logits and reset the slot's counters."""
+    s = prog.slots
+    free = slots.row < 0
+    which = jnp.nonzero(free, size=s, fill_value=0)[0]
+    n = jnp.minimum(jnp.sum(free.astype(jnp.int32)), queue.size - queue.cursor)
     cols = jnp.arange(prog.cache_len)
-    # The slot axis is axis 1 of the stacked cache: every layer at once (keys [L, S, KV, D, P + W],
-    # values [L, S, KV, P + W, D]). The row's prompt is valid, its ring not yet.
-    cache = KVCache(k=cache.k.at[:, slot_ids, :, :, :t].set(stash.k[:, src].astype(cache.k.dtype),
-                                                            mode="drop"),
-                    v=cache.v.at[:, slot_ids, :, :t, :].set(stash.v[:, src].astype(cache.v.dtype),
-                                                            mode="drop"),
-                    valid=scatter(cache.valid, cols[None, :] < lengths[:, None]),
-                    index=cache.index,
-                    positions=scatter(cache.positions,
-                                      jnp.broadcast_to(cols, (slot_ids.shape[0], cols.size))))
-    a = slot_ids.shape[0]
-    row_tokens = jnp.full((a, prog.width), prog.pad_id, jnp.int32).at[:, 0].set(tok)
-    row_lps = jnp.zeros((a, prog.width), jnp.float32).at[:, 0].set(lp)
-    return _Slots(cache=cache, last=scatter(slots.last, tok), pos=scatter(slots.pos, lengths),
-                  count=scatter(slots.count, jnp.ones_like(tok)),
-                  limit=scatter(slots.limit, limits),
-                  active=scatter(slots.active, ~stop & (limits > 1)),
-                  stopped=scatter(slots.stopped, stop), keys=scatter(slots.keys, keys),
-                  tokens=scatter(slots.tokens, row_tokens),
-                  logprobs=scatter(slots.logprobs, row_lps))
+
+    def one(j, x: _Slots) -> _Slots:
+        slot, q = which[j], queue.cursor + j
+        src, row, limit = queue.src[q], queue.rows[q], queue.limits[q]
+        key = jax.random.fold_in(rng, row + row_offset)
+        tok, lp = _draw(jax.random.fold_in(key, 0)[None], stash.logits[src][None], prog.mode,
+                        temperature, top_p)
+        stop = _stopped(tok, prog.stop_ids)[0]
+        tok, lp = tok[0], lp[0]
+        length = stash.lengths[src]
+        # The slot axis is axis 1 of the stacked cache (keys [L, S, KV, D, P + W], values
+        # [L, S, KV, P + W, D]): the prompt goes to the slot's first P positions of every layer.
+        k = jax.lax.dynamic_slice_in_dim(stash.k, src, 1, axis=1).astype(x.cache.k.dtype)
+        v = jax.lax.dynamic_slice_in_dim(stash.v, src, 1, axis=1).astype(x.cache.v.dtype)
+        cache = dataclasses.replace(
+            x.cache, k=jax.lax.dynamic_update_slice(x.cache.k, k, (0, slot, 0, 0, 0)),
+            v=jax.lax.dynamic_update_slice(x.cache.v, v, (0, slot, 0, 0, 0)),
+            valid=_set_row(x.cache.valid, slot, cols < length))  # the prompt, not the ring
+        tokens = jnp.full((prog.width,), prog.pad_id, jnp.int32).at[0].set(tok)
+        lps = jnp.zeros((prog.width,), jnp.float32).at[0].set(lp)
+        return _Slots(cache=cache, last=_set_row(x.last, slot, tok),
+                      pos=_set_row(x.pos, slot, length), count=_set_row(x.count, slot, 1),
+                      limit=_set_row(x.limit, slot, limit),
+                      active=_set_row(x.active, slot, ~stop & (limit > 1)),
+                      stopped=_set_row(x.stopped, slot, stop), keys=_set_row(x.keys, slot, key),
+                      tokens=_set_row(x.tokens, slot, tokens),
+                      logprobs=_set_row(x.logprobs, slot, lps), row=_set_row(x.row, slot, row))
+
+    slots = jax.lax.fori_loop(0, n, one, slots)
+    return slots, dataclasses.replace(queue, cursor=queue.cursor + n)
 
 
 def _head(graphdef, state) -> jax.Array:
@@ -222,24 +296,50 @@ def _head(graphdef, state) -> jax.Array:
     return _head_kernel(nnx.merge(graphdef, state))
 
 
-def _decode(graphdef, prog: _EngineProgram, state, head, slots: _Slots, waiting, refill_min,
-            shrink_at, temperature, top_p) -> _Slots:
-    """Decode steps of every slot until all have stopped, until ``refill_min`` slots are free while
-    ``waiting`` rows still need one, or, with none waiting, until at most ``shrink_at`` slots are
-    live (the host then moves them to a smaller program; -1 = never). ``head``: the
-    [hidden, vocab] output head when ``prog.head_nn`` (see :func:`_head`), else None."""
+def _exit_size(slots: int) -> int:
+    """Rows a decode call can finish before it returns to the host (its exit buffer's size)."""
+    return 2 * slots
+
+
+def _decode(graphdef, prog: _EngineProgram, state, head, slots: _Slots, stash: _Stash,
+            queue: _Queue, waiting, refill_min, shrink_at, rng, row_offset, temperature,
+            top_p) -> tuple[_Slots, jax.Array, _Exit, jax.Array]:
+    """Decode steps of every slot, starting the ``queue``'s rows (prompts prefilled in ``stash``)
+    in slots as they free up, and copying ended rows to an exit buffer. Returns to the host when
+    every slot is idle; when the queue is used up while ``waiting`` rows still need a prefill and
+    ``refill_min`` slots are idle; when the exit buffer is full and ``refill_min`` ended rows wait
+    for it; or, with nothing left to start, when at most ``shrink_at`` slots are live (the host
+    then moves them to a smaller program; -1 = never). ``head``: the [hidden, vocab] output head
+    when ``prog.head_nn`` (see :func:`_head`), else None. Returns the slots, the queue's cursor,
+    the exit buffer and the number of decode steps run."""
     model: CausalLM = nnx.merge(graphdef, state)
-    s = prog.slots
+    s, e = prog.slots, _exit_size(prog.slots)
     ones = jnp.ones((s, 1), bool)
     rows = jnp.arange(s)
+    out = _Exit(rows=jnp.full((e,), -1, jnp.int32),
+                tokens=jnp.full((e, prog.width), prog.pad_id, jnp.int32),
+                logprobs=jnp.zeros((e, prog.width), jnp.float32),
+                lengths=jnp.zeros((e,), jnp.int32), stopped=jnp.zeros((e,), bool),
+                count=jnp.int32(0))
 
-    def cond(x: _Slots):
+    def refill(carry):
+        x, q, ex, n = carry
+        x, ex = _harvest(x, ex)
+        x, q = _start(prog, x, stash, q, rng, row_offset, temperature, top_p)
+        return x, q, ex, n
+
+    def cond(carry):
+        x, q, ex, _ = carry
         live = jnp.sum(x.active.astype(jnp.int32))
-        refill = (waiting > 0) & (s - live >= refill_min)
-        shrink = (waiting == 0) & (live <= shrink_at)
-        return (live > 0) & ~refill & ~shrink
+        idle = s - live
+        used_up = q.cursor >= q.size
+        ended = jnp.sum(((x.row >= 0) & ~x.active).astype(jnp.int32))
+        need_prefill = used_up & (waiting > 0) & (idle >= refill_min)
+        blocked = ~used_up & (ex.count >= e) & (ended >= refill_min)
+        shrink = used_up & (waiting == 0) & (live <= shrink_at)
+        return (live > 0) & ~need_prefill & ~blocked & ~shrink
 
-    def body(x: _Slots) -> _Slots:
+    def step(x: _Slots) -> _Slots:
         pos = x.pos
         if head is None:
             logits, cache = model(x.last[:, None], ones, pos[:, None], x.cache)
@@ -256,15 +356,20 @@ def _decode(graphdef, prog: _EngineProgram, state, head, slots: _Slots, waiting,
         stop = live & _stopped(tok, prog.stop_ids)
         count = x.count + live.astype(jnp.int32)
         ring = (x.cache.index - prog.prompt_len + 1) % prog.width  # the next shared write position
-        return _Slots(
-            cache=dataclasses.replace(cache, index=prog.prompt_len + ring),
-            last=tok, pos=jnp.where(live, pos + 1, pos), count=count, limit=x.limit,
-            active=live & ~stop & (count < x.limit),
-            stopped=x.stopped | stop, keys=x.keys,
+        return dataclasses.replace(
+            x, cache=dataclasses.replace(cache, index=prog.prompt_len + ring),
+            last=tok, pos=jnp.where(live, pos + 1, pos), count=count,
+            active=live & ~stop & (count < x.limit), stopped=x.stopped | stop,
             tokens=x.tokens.at[rows, x.count].set(tok, mode="drop"),
             logprobs=x.logprobs.at[rows, x.count].set(lp, mode="drop"))
 
-    return jax.lax.while_loop(cond, body, slots)
+    def body(carry):
+        x, q, ex, n = carry
+        return refill((step(x), q, ex, n + 1))
+
+    slots, queue, out, steps = jax.lax.while_loop(cond, body,
+                                                  refill((slots, queue, out, jnp.int32(0))))
+    return slots, queue.cursor, out, steps
 
 
 def _compact(slots: _Slots, order) -> _Slots:
@@ -282,7 +387,7 @@ def _compact(slots: _Slots, order) -> _Slots:
 # dispatch-cache size can hold two entries for one executable (seen with donated, sharded inputs),
 # and a count of programs should count programs.
 _COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-_PROGRAM_NAMES = ("_init", "_prefill", "_insert", "_decode", "_compact", "_head")
+_PROGRAM_NAMES = ("_init", "_prefill", "_decode", "_compact", "_head")
 _active_counter: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
     "sgalm_engine_compiles", default=None)
 
@@ -320,6 +425,7 @@ class EngineResult:
     decode_calls: int = 0  # decode programs run (host round trips)
     prefills: int = 0
     slot_sizes: tuple[int, ...] = ()  # the slot counts decoded with (shrinking in the tail)
+    decode_steps: tuple[tuple[int, int], ...] = ()  # (slots, decode steps) of each decode call
 
 
 def default_prefill_chunk(slots: int, num_samples: int, num_prompts: int, multiple: int = 1) -> int:
@@ -369,12 +475,12 @@ class ContinuousEngine:
                            compiler_options=opts)
             prefill = jax.jit(functools.partial(_prefill, self.graphdef, self.config, prog, mesh),
                               compiler_options=opts)
-            insert = jax.jit(functools.partial(_insert, prog), donate_argnums=(0,),
-                             out_shardings=out, compiler_options=opts)
+            repl = None if mesh is None else NamedSharding(mesh, P())
             decode = jax.jit(functools.partial(_decode, self.graphdef, prog),
-                             donate_argnums=(2,), out_shardings=out, compiler_options=opts)
+                             donate_argnums=(2,), out_shardings=(out, repl, repl, repl),
+                             compiler_options=opts)
             compact = jax.jit(_compact, out_shardings=out, compiler_options=opts)
-            self._programs[key] = (init, prefill, insert, decode, compact)
+            self._programs[key] = (init, prefill, decode, compact)
         return self._programs[key]
 
     def _plan(self, num_prompts: int, prompt_tokens: int, width: int, num_samples: int,
@@ -400,17 +506,17 @@ class ContinuousEngine:
                           num_samples: int, slots: int, prefill_chunk: int | None = None,
                           min_prompt_bucket: int = 16, mesh: Mesh | None = None,
                           platform: str | None = None) -> list[tuple[str, Any, Any]]:
-        """``[(name, jitted, args)]`` of the prefill, insert and decode programs of a call at its
-        largest shapes (``num_prompts`` prompts of up to ``prompt_tokens`` tokens, rows of up to
-        ``width`` new tokens), for ahead-of-time compilation (``sgalm_jax.compile_only``).
-        ``state`` may be abstract. The insert's ``args`` is a function of the compiled prefill (its
-        output shardings place the stash); the slot state has fixed shardings. ``platform``: the
+        """``[(name, jitted, args)]`` of the prefill and decode programs of a call at its largest
+        shapes (``num_prompts`` prompts of up to ``prompt_tokens`` tokens, rows of up to ``width``
+        new tokens), for ahead-of-time compilation (``sgalm_jax.compile_only``). ``state`` may be
+        abstract. The decode's ``args`` is a function of the compiled prefill (its output
+        shardings place the stash); the slot state has fixed shardings. ``platform``: the
         target's (default: the mesh's devices', else the default backend)."""
         prog, c, _ = self._plan(num_prompts, prompt_tokens, width, num_samples, slots,
                                 prefill_chunk, min_prompt_bucket, mesh, platform, mode=mode,
                                 stop_ids=stop_ids, pad_id=pad_id, cache_dtype=cache_dtype)
         s, t = prog.slots, prog.prompt_len
-        _, prefill, insert, decode, _ = self._get_programs(prog, mesh)
+        _, prefill, decode, _ = self._get_programs(prog, mesh)
 
         def sharded(tree: Any, shardings: Any) -> Any:
             if shardings is None:
@@ -428,32 +534,34 @@ class ContinuousEngine:
         key = jax.eval_shape(lambda: jax.random.key(0))
         key = spec(key.shape, key.dtype, repl)
         scalars = (spec((), jnp.float32, repl), spec((), jnp.float32, repl))
-        vec = spec((s,), jnp.int32, repl)
+        i32 = spec((), jnp.int32, repl)
+        q = spec((c * num_samples,), jnp.int32, repl)
+        queue = _Queue(rows=q, src=q, limits=q, size=i32, cursor=i32)
         prefill_args = (state, spec((c, t), jnp.int32, batch), spec((c, t), jnp.bool_, batch))
-
-        def insert_args(compiled_prefill: Any) -> tuple:
-            stash = prefill.eval_shape(*prefill_args)
-            stash = sharded(stash, compiled_prefill.output_shardings)
-            return (slot_state, stash, vec, vec, vec, vec, key, *scalars)
-
         head = None
         if prog.head_nn:
             head = jax.eval_shape(self._head, state)
             head = spec(head.shape, head.dtype, repl)
-        i32 = spec((), jnp.int32, repl)
-        decode_args = (state, head, slot_state, i32, i32, i32, *scalars)
+
+        def decode_args(compiled_prefill: Any) -> tuple:
+            stash = prefill.eval_shape(*prefill_args)
+            stash = sharded(stash, compiled_prefill.output_shardings)
+            return (state, head, slot_state, stash, queue, i32, i32, i32, key, i32, *scalars)
+
         size = f"{s} slots x {t + width} cache"
         return [(f"engine prefill ({c} x {t} prompt)", prefill, prefill_args),
-                (f"engine insert ({size}, {c}-prompt stash)", insert, insert_args),
-                (f"engine decode ({size})", decode, decode_args)]
+                (f"engine decode ({size}, {c}-prompt stash)", decode, decode_args)]
 
     def run(self, *args: Any, **kwargs: Any) -> EngineResult:
         """Generate every row of ``prompts`` x ``num_samples`` with ``slots`` slots (see
         :meth:`_run` for the arguments), counting the programs it compiles."""
         with _counting(self._compiles):
             res = self._run(*args, **kwargs)
+        steps: dict[int, int] = {}
+        for slots, n in res.decode_steps:
+            steps[slots] = steps.get(slots, 0) + n
         self.last_run = dict(decode_calls=res.decode_calls, prefills=res.prefills,
-                             slot_sizes=res.slot_sizes)
+                             slot_sizes=res.slot_sizes, decode_steps=steps)
         return res
 
     def _run(self, state: Any, prompts: Sequence[np.ndarray], limits: np.ndarray, *, mode: _Mode,
@@ -466,8 +574,8 @@ class ContinuousEngine:
         """Generate every row of ``prompts`` x ``num_samples`` with ``slots`` slots.
 
         ``limits`` [len(prompts) * num_samples]: each row's maximum new tokens (>= 1).
-        ``refill_min``: return to the host to refill once this many slots are free (default
-        ``slots // 32``, at least 1). ``min_slots``: once no row is waiting, the live rows move to
+        ``refill_min``: once the stash's rows have all started, return to the host for the next
+        prefill when this many slots are idle (default ``slots // 32``, at least 1). ``min_slots``: once no row is waiting, the live rows move to
         programs of half as many slots whenever they fit, down to this many (default
         ``slots // 4``; ``slots`` turns shrinking off). ``row_offset`` shifts the row ids that seed
         each row's key (a host sampling a share of a larger workload passes the global index of its
@@ -491,7 +599,7 @@ class ContinuousEngine:
                                  prefill_chunk, min_prompt_bucket, mesh, mode=mode,
                                  stop_ids=stop_ids, pad_id=pad_id, cache_dtype=cache_dtype)
         s, t = prog.slots, prog.prompt_len
-        init, prefill, insert, decode, _ = self._get_programs(prog, mesh)
+        init, prefill, decode, _ = self._get_programs(prog, mesh)
         refill_min = jnp.int32(refill_min or max(1, s // 32))
         min_slots = bucket_size(min(min_slots or s // 4, s), 1, dp)
 
@@ -508,66 +616,75 @@ class ContinuousEngine:
 
         temp = jnp.float32(temperature if temperature > 0 else 1.0)
         p_top = jnp.float32(1.0 if top_p is None else top_p)
+        offset = jnp.int32(row_offset)
 
         out_tokens = np.full((n_rows, width), pad_id, np.int32)
         out_lps = np.zeros((n_rows, width), np.float32)
         out_len = np.zeros((n_rows,), np.int32)
         out_fin = np.zeros((n_rows,), bool)
-        slot_row = np.full((s,), -1, np.int64)  # the row each slot holds (-1: free)
-        next_row, stash, stash_lo, stash_hi = 0, None, 0, 0
+        harvested = np.zeros((n_rows,), bool)
+        # Prompts are scheduled longest first, so that each prefill chunk pads to the smallest
+        # bucket it can (output does not depend on the schedule: each row has its own key), and
+        # rows whose answers run long with their questions start early rather than in the tail.
+        order = np.argsort(-mask.sum(-1), kind="stable")
+        next_row = 0  # rows handed to a queue so far (whole prompts: a multiple of n)
+        stash = queue = None
+        cursor = size = 0
         decode_calls = prefills = 0
+        decode_steps: list[tuple[int, int]] = []  # (slots, steps) per decode call
         sizes = [s]
         head = self._head(state) if prog.head_nn else None
         x = init()
-        while True:
-            free = np.flatnonzero(slot_row < 0).tolist()
-            while free and next_row < n_rows:  # refill: from the stash, prefilling as needed
-                p = next_row // n
-                if stash is None or not stash_lo <= p < stash_hi:
-                    stash_lo, stash_hi = p, min(p + c, n_prompts)
-                    cid = np.full((c, t), pad_id, np.int32)
-                    cmask = np.zeros((c, t), bool)
-                    cmask[:, 0] = True  # dummy rows: one token, never inserted
-                    cid[:stash_hi - p], cmask[:stash_hi - p] = ids[p:stash_hi], mask[p:stash_hi]
-                    stash = prefill(state, put(cid, batch_sharding), put(cmask, batch_sharding))
-                    prefills += 1
-                sl = np.full((s,), s, np.int32)  # slot s: an unused entry, dropped
-                src, rid, lim = (np.zeros((s,), np.int32) for _ in range(3))
-                k = 0
-                while free and next_row < n_rows and next_row // n < stash_hi:
-                    sl[k], src[k], rid[k] = free.pop(0), next_row // n - stash_lo, next_row
-                    lim[k] = limits[next_row]
-                    slot_row[sl[k]] = next_row
-                    next_row += 1
-                    k += 1
-                x = insert(x, stash, put(sl), put(src), put(rid + row_offset), put(lim), rng,
-                           temp, p_top)
-            if next_row >= n_rows and (slot_row < 0).all():
-                break
+        while not harvested.all():
+            if cursor >= size and next_row < n_rows:  # the queue is used up: prefill the next chunk
+                lo = next_row // n
+                chunk = order[lo:lo + c]  # prompt ids
+                tc = bucket_size(int(mask[chunk].sum(-1).max()), min(min_prompt_bucket, t))
+                cid = np.full((c, tc), pad_id, np.int32)
+                cmask = np.zeros((c, tc), bool)
+                cmask[:, 0] = True  # dummy rows: one token, never started
+                cid[:chunk.size], cmask[:chunk.size] = ids[chunk, :tc], mask[chunk, :tc]
+                stash = prefill(state, put(cid, batch_sharding), put(cmask, batch_sharding))
+                prefills += 1
+                size = chunk.size * n
+                q_rows = np.zeros((c * n,), np.int32)
+                q_rows[:size] = (chunk[:, None] * n + np.arange(n)).reshape(-1)
+                q_src = np.repeat(np.arange(c, dtype=np.int32), n)
+                q_lim = np.ones((c * n,), np.int32)
+                q_lim[:size] = limits[q_rows[:size]]
+                queue = _Queue(rows=put(q_rows), src=put(q_src), limits=put(q_lim),
+                               size=jnp.int32(size), cursor=jnp.int32(0))
+                next_row += size
+                cursor = 0
+            else:
+                queue = dataclasses.replace(queue, cursor=jnp.int32(cursor))
             shrink_at = s // 2 if next_row >= n_rows and s // 2 >= min_slots else -1
-            x = decode(state, head, x, jnp.int32(n_rows - next_row), refill_min,
-                       jnp.int32(shrink_at), temp, p_top)
+            x, cur, ex, n_steps = decode(state, head, x, stash, queue, jnp.int32(n_rows - next_row),
+                                refill_min, jnp.int32(shrink_at), rng, offset, temp, p_top)
             decode_calls += 1
             # Slot-sharded over every host's devices on a multi-host mesh: gathered to each process
             # (the same values everywhere, so every process takes the same scheduling decisions).
-            active, count, stopped, tokens, lps = to_host(
-                (x.active, x.count, x.stopped, x.tokens, x.logprobs))
-            for slot in np.flatnonzero((slot_row >= 0) & ~active):
-                r = slot_row[slot]
-                out_tokens[r], out_lps[r] = tokens[slot], lps[slot]
-                out_len[r], out_fin[r] = count[slot], stopped[slot]
-                slot_row[slot] = -1
+            steps, cursor, count, rows, tokens, lps, lengths, stopped, active, slot_row = to_host(
+                (n_steps, cur, ex.count, ex.rows, ex.tokens, ex.logprobs, ex.lengths, ex.stopped,
+                 x.active, x.row))
+            cursor, count = int(cursor), int(count)
+            decode_steps.append((s, int(steps)))
+            r = rows[:count]
+            out_tokens[r], out_lps[r], out_len[r], out_fin[r] = (
+                tokens[:count], lps[:count], lengths[:count], stopped[:count])
+            harvested[r] = True
             live = int(active.sum())
-            if next_row >= n_rows and 0 < live <= s // 2 and s // 2 >= min_slots:
-                # The tail: move the live rows to a program with fewer slots (live ones first).
+            if (next_row >= n_rows and cursor >= size and 0 < live <= s // 2
+                    and s // 2 >= min_slots and (slot_row[~active] < 0).all()):
+                # The tail: move the live rows to a program with fewer slots (live ones first;
+                # every ended row has been copied out, so the rest are free slots).
                 s = bucket_size(live, min_slots, dp)
                 order = np.concatenate([np.flatnonzero(active), np.flatnonzero(~active)])[:s]
                 prog = dataclasses.replace(prog, slots=s)
-                _, _, _, decode, compact = self._get_programs(prog, mesh)
+                _, _, decode, compact = self._get_programs(prog, mesh)
                 x = compact(x, put(order.astype(np.int32)))
-                slot_row = slot_row[order]
                 sizes.append(s)
         del x, head
         return EngineResult(tokens=out_tokens, logprobs=out_lps, lengths=out_len,
                             finished=out_fin, decode_calls=decode_calls, prefills=prefills,
-                            slot_sizes=tuple(sizes))
+                            slot_sizes=tuple(sizes), decode_steps=tuple(decode_steps))

@@ -47,8 +47,7 @@ def test_sgalm_programs_compile_for_cpu_devices(capsys):
     assert "target cpu-8: 8 host CPU device(s); mesh data=1 fsdp=8 tensor=1" in out
     for name in ("D step (16 x 256)", "G step (8 x 256)", "D scorer (16 x 256)",
                  "engine prefill (16 x 256 prompt)",
-                 "engine insert (16 slots x 288 cache, 16-prompt stash)",
-                 "engine decode (16 slots x 288 cache)"):
+                 "engine decode (16 slots x 288 cache, 16-prompt stash)"):
         assert name in out, out
     assert "sampler prefill" not in out
     assert not os.path.exists("/nonexistent/w")
@@ -67,7 +66,7 @@ def test_sampler_programs_follow_the_configured_engine():
     config = cli.parse_config(base)
     reports = {r.name: r for r in run_compile_only(config, get_algorithm("sgalm"),
                                                    parse_target("cpu-8"))}
-    decode = reports["engine decode (16 slots x 288 cache)"]
+    decode = reports["engine decode (16 slots x 288 cache, 16-prompt stash)"]
     mc = model_config(config.model)
     # keys and values; 16 slots over the 8 devices' batch axes: 2 slots per device
     cache = (2 * mc.num_hidden_layers * 2 * mc.num_key_value_heads * mc.head_dim * 288
@@ -85,7 +84,7 @@ def test_grpo_lora_programs_compile_from_the_runs_roles(capsys):
                                                    parse_target("cpu-8"))}
     assert [n.split(" (")[0] for n in reports] == ["GRPO step", "old log-probs",
                                                    "reference log-probs", "engine prefill",
-                                                   "engine insert", "engine decode"], sorted(reports)
+                                                   "engine decode"], sorted(reports)
     step = reports["GRPO step (8 x 256)"]
     # donated: exactly the adapters' train state, which is all the step outputs (+ metrics)
     assert 0 < step.aliased <= step.outputs and step.resident == 0
@@ -125,7 +124,6 @@ def test_data_engine_programs_generator_sampler_and_student_sft():
     reports = run_compile_only(config, get_algorithm("data_engine"), parse_target("cpu-8"))
     assert [r.name for r in reports] == [
         "generator engine prefill (16 x 256 prompt)",
-        "generator engine insert (16 slots x 288 cache, 16-prompt stash)",
-        "generator engine decode (16 slots x 288 cache)",
+        "generator engine decode (16 slots x 288 cache, 16-prompt stash)",
         "student SFT step (8 x 256)"]
     assert all(r.peak > 0 for r in reports)

@@ -88,12 +88,13 @@ def test_greedy_token_identical_to_static_on_ragged_workload(qwen2):
         np.testing.assert_array_equal(want.tokens[i, :n], free.tokens[i, :n])
 
     # 11 rows through 4 slots: the slots were refilled, and in the tail the live rows moved to
-    # programs with fewer slots (4 -> 2 -> 1). Programs per stop set: init, prefill, insert and
-    # decode, plus a decode and a compaction per smaller slot count visited, plus the head copy once;
+    # programs with fewer slots (4 -> 2 -> 1). Programs per stop set: init, prefill and decode
+    # (which starts waiting rows in free slots itself), plus a decode and a compaction per smaller
+    # slot count visited, plus the head copy once;
     # a new workload reuses them (and compiles only a smaller slot count it visits for the first
     # time).
     def expected():
-        return HEAD + sum(4 + 2 * (len(v) - 1) for v in sizes.values())
+        return HEAD + sum(3 + 2 * (len(v) - 1) for v in sizes.values())
 
     assert SLOTS in sizes["stops"] and sizes["stops"] <= {1, 2, 4}
     assert cont.num_compilations == expected()
@@ -104,9 +105,32 @@ def test_greedy_token_identical_to_static_on_ragged_workload(qwen2):
     ref = static.generate(state, prompts2, max_new_tokens=limits2, temperature=0.0,
                           rng=jax.random.key(1), use_eos=False, stop_token_ids=stops)
     np.testing.assert_array_equal(again.tokens, ref.tokens)
-    assert cont.num_compilations == expected() <= HEAD + 2 * (4 + 2 * 2)
+    assert cont.num_compilations == expected() <= HEAD + 2 * (3 + 2 * 2)
     assert static.num_compilations == 2
     assert cont.continuous_engine.shapes == [(n, 16, MAX_NEW) for n in sorted(sizes["stops"])]
+
+
+def test_prompts_of_several_buckets_prefill_at_their_own_length(qwen2):
+    """Prompts of 3..40 tokens (buckets 16, 32 and 64 of a 64-token call): scheduled longest first,
+    each prefill chunk runs at its own bucket and pads its stash to the call's, one prefill program
+    per bucket; greedy rows equal the static sampler's, in the original order."""
+    model, graphdef, state = qwen2
+    rs = np.random.RandomState(11)
+    prompts = [rs.randint(3, 1000, n).tolist() for n in (3, 40, 12, 25, 31, 7, 18, 36, 5)]
+    limits = rs.randint(1, MAX_NEW + 1, len(prompts))
+    kw = dict(max_new_tokens=limits, temperature=0.0, rng=jax.random.key(0), use_eos=False)
+    want = Sampler(graphdef, model.config, engine="static").generate(state, prompts, **kw)
+    sampler = Sampler(graphdef, model.config, engine="continuous", num_slots=SLOTS,
+                      prefill_chunk=2, min_slots=SLOTS)
+    got = sampler.generate(state, prompts, **kw)
+    np.testing.assert_array_equal(got.tokens, want.tokens)
+    np.testing.assert_array_equal(got.lengths, want.lengths)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+    run = sampler.continuous_engine.last_run
+    assert run["prefills"] == 5 and run["slot_sizes"] == (SLOTS,)
+    assert sum(run["decode_steps"].values()) >= (limits.max() - 1)
+    # init, decode, the head copy, and a prefill per bucket (64: 40, 36; 32: 31, 25, 18 ...; 16)
+    assert sampler.num_compilations == HEAD + 2 + 3
 
 
 def test_greedy_matches_transformers_with_sliding_window_one_slot(hf_model_dir):
@@ -229,7 +253,7 @@ def test_sharded_over_8_devices_equals_one_device(qwen2, cont, sharded):
     np.testing.assert_array_equal(got.lengths, want.lengths)
     np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
     sizes = sampler.continuous_engine.last_run["slot_sizes"]
-    assert sampler.num_compilations == HEAD + 4 + 2 * (len(sizes) - 1)  # + decode, compact per shrink
+    assert sampler.num_compilations == HEAD + 3 + 2 * (len(sizes) - 1)  # + decode, compact per shrink
 
 
 def test_host_local_equals_global_and_simulated_hosts(qwen2, cont, sharded):
@@ -273,7 +297,7 @@ def test_host_local_equals_global_and_simulated_hosts(qwen2, cont, sharded):
     np.testing.assert_array_equal(np.concatenate([s["tokens"] for s in shares]), want.tokens)
     np.testing.assert_array_equal(np.concatenate([s["lengths"] for s in shares]), want.lengths)
     # The played hosts reused the local programs (but may visit other tail slot counts).
-    assert sampler.num_compilations <= HEAD + 4 + 2 * 2
+    assert sampler.num_compilations <= HEAD + 3 + 2 * 2
 
 
 # ---------------------------------------------------------------------------------------- LoRA
