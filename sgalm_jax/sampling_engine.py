@@ -61,7 +61,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sgalm_jax.errors import ConfigError
 from sgalm_jax.models.config import ModelConfig
-from sgalm_jax.sampling import bucket_size
+from sgalm_jax.sampling_static import bucket_size
 from sgalm_jax.sampling_engine_programs import (_compact, _decode, _EngineProgram, _head, _init,
                                                 _prefill, _Queue, _slot_shardings)
 from sgalm_jax.sampling_ops import _Mode

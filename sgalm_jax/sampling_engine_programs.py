@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from sgalm_jax.models.config import ModelConfig
 from sgalm_jax.models.transformer import CausalLM, KVCache, positions_from_mask
-from sgalm_jax.sampling import _cache_spec, _constrain, _head_kernel, _stopped
+from sgalm_jax.sampling_static import _cache_spec, _constrain, _head_kernel, _stopped
 from sgalm_jax.sampling_ops import _greedy, _Mode, _select_with_logprobs
 from sgalm_jax.sharding import BATCH_AXES
 

@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from sgalm_jax.sharding import MESH_AXES, make_mesh
+from sgalm_jax.sharding import make_mesh
 
 __all__ = ["local_mesh", "host_local_params", "host_share", "gather_host_rows", "run_host_local"]
 
