@@ -11,6 +11,9 @@ samples from the current or a frozen params snapshot without rebuilding a module
 
 ``generate(model, prompts, ...)`` is the one-call form for a module.
 
+The static engine's programs live in :mod:`sgalm_jax.sampling_static`; the continuous engine
+(``engine="continuous"``) in :mod:`sgalm_jax.sampling_engine`.
+
 How a call runs:
 
 1. Prompts (ragged token lists, or an array plus mask with any padding) are left-padded to a prompt
