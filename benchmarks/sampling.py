@@ -16,7 +16,7 @@ slots: the continuous engine (``num_slots``), our static sampler (batches of tha
 decoded until its longest row ends) and HF ``generate`` (the same batches, ``max_new_tokens`` the
 batch's longest, cut afterwards). tokens/s counts the rows' own tokens only::
 
-    python benchmarks/sampling.py --workload ragged    # about 40 minutes on 2 quiet cores
+    python benchmarks/sampling.py --workload ragged    # about 20 minutes on 2 quiet cores
 
 GPU (``--gpu``): a Qwen2.5-1.5B-shaped random model in bfloat16 at batch 64 and 256; prints tokens/s,
 decode ms/step and the fraction of the memory-bandwidth limit reached, i.e. (weight bytes + KV-cache
