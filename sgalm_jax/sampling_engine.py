@@ -263,9 +263,10 @@ class ContinuousEngine:
 
         ``limits`` [len(prompts) * num_samples]: each row's maximum new tokens (>= 1).
         ``refill_min``: once the stash's rows have all started, return to the host for the next
-        prefill when this many slots are idle (default ``slots // 32``, at least 1). ``min_slots``: once no row is waiting, the live rows move to
-        programs of half as many slots whenever they fit, down to this many (default
-        ``slots // 4``; ``slots`` turns shrinking off). ``row_offset`` shifts the row ids that seed
+        prefill when this many slots are idle (default ``slots // 32``, at least 1).
+        ``min_slots``: once no row is waiting, the live rows move to programs of half as many
+        slots whenever they fit, down to this many (default ``slots // 4``; ``slots`` turns
+        shrinking off). ``row_offset`` shifts the row ids that seed
         each row's key (a host sampling a share of a larger workload passes the global index of its
         first row, so its samples equal those of a single-host run). ``width``: the output width
         (default ``max(limits)``).
@@ -318,6 +319,7 @@ class ContinuousEngine:
         next_row = 0  # rows handed to a queue so far (whole prompts: a multiple of n)
         stash = queue = None
         cursor = size = 0
+        q_src = put(np.repeat(np.arange(c, dtype=np.int32), n))  # each queued row's stash entry
         decode_calls = prefills = 0
         decode_steps: list[tuple[int, int]] = []  # (slots, steps) per decode call
         sizes = [s]
@@ -337,18 +339,18 @@ class ContinuousEngine:
                 size = chunk.size * n
                 q_rows = np.zeros((c * n,), np.int32)
                 q_rows[:size] = (chunk[:, None] * n + np.arange(n)).reshape(-1)
-                q_src = np.repeat(np.arange(c, dtype=np.int32), n)
                 q_lim = np.ones((c * n,), np.int32)
                 q_lim[:size] = limits[q_rows[:size]]
-                queue = _Queue(rows=put(q_rows), src=put(q_src), limits=put(q_lim),
+                queue = _Queue(rows=put(q_rows), src=q_src, limits=put(q_lim),
                                size=jnp.int32(size), cursor=jnp.int32(0))
                 next_row += size
                 cursor = 0
             else:
                 queue = dataclasses.replace(queue, cursor=jnp.int32(cursor))
             shrink_at = s // 2 if next_row >= n_rows and s // 2 >= min_slots else -1
-            x, cur, ex, n_steps = decode(state, head, x, stash, queue, jnp.int32(n_rows - next_row),
-                                refill_min, jnp.int32(shrink_at), rng, offset, temp, p_top)
+            waiting = jnp.int32(n_rows - next_row)
+            x, cur, ex, n_steps = decode(state, head, x, stash, queue, waiting, refill_min,
+                                         jnp.int32(shrink_at), rng, offset, temp, p_top)
             decode_calls += 1
             # Slot-sharded over every host's devices on a multi-host mesh: gathered to each process
             # (the same values everywhere, so every process takes the same scheduling decisions).
@@ -367,10 +369,10 @@ class ContinuousEngine:
                 # The tail: move the live rows to a program with fewer slots (live ones first;
                 # every ended row has been copied out, so the rest are free slots).
                 s = bucket_size(live, min_slots, dp)
-                order = np.concatenate([np.flatnonzero(active), np.flatnonzero(~active)])[:s]
+                keep = np.concatenate([np.flatnonzero(active), np.flatnonzero(~active)])[:s]
                 prog = dataclasses.replace(prog, slots=s)
                 _, _, decode, compact = self._get_programs(prog, mesh)
-                x = compact(x, put(order.astype(np.int32)))
+                x = compact(x, put(keep.astype(np.int32)))
                 sizes.append(s)
         del x, head
         return EngineResult(tokens=out_tokens, logprobs=out_lps, lengths=out_len,

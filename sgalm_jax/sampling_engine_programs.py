@@ -276,11 +276,10 @@ def _decode(graphdef, prog: _EngineProgram, state, head, slots: _Slots, stash: _
                 lengths=jnp.zeros((e,), jnp.int32), stopped=jnp.zeros((e,), bool),
                 count=jnp.int32(0))
 
-    def refill(carry):
-        x, q, ex, n = carry
+    def refill(x: _Slots, q: _Queue, ex: _Exit) -> tuple[_Slots, _Queue, _Exit]:
         x, ex = _harvest(x, ex)
         x, q = _start(prog, x, stash, q, rng, row_offset, temperature, top_p)
-        return x, q, ex, n
+        return x, q, ex
 
     def cond(carry):
         x, q, ex, _ = carry
@@ -319,10 +318,10 @@ def _decode(graphdef, prog: _EngineProgram, state, head, slots: _Slots, stash: _
 
     def body(carry):
         x, q, ex, n = carry
-        return refill((step(x), q, ex, n + 1))
+        return (*refill(step(x), q, ex), n + 1)
 
-    slots, queue, out, steps = jax.lax.while_loop(cond, body,
-                                                  refill((slots, queue, out, jnp.int32(0))))
+    slots, queue, out, steps = jax.lax.while_loop(
+        cond, body, (*refill(slots, queue, out), jnp.int32(0)))
     return slots, queue.cursor, out, steps
 
 
